@@ -1,0 +1,25 @@
+"""Exceptions raised by library code; the CLI turns each into one red line and a non-zero exit."""
+
+
+class RepaError(Exception):
+    """Base class: a user-facing error with a message that says what to do."""
+
+
+class ConfigError(RepaError):
+    """An option or combination of options is invalid."""
+
+
+class BadInputError(RepaError):
+    """An input file (image, npz, tar member) cannot be used."""
+
+
+class MissingWeightsError(RepaError):
+    """Pretrained weights are neither on disk nor reachable; the message names the option to pass."""
+
+
+class NotACacheError(RepaError):
+    """A folder given as a cache is not one (no manifest, or a foreign manifest)."""
+
+
+class CacheMismatchError(RepaError):
+    """A cache does not fit what is asked of it (source, resolution, shapes, encoders, progress)."""
