@@ -1,0 +1,173 @@
+"""Image sources, part 3: WebDataset tar shards, indexed once at open for random access."""
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from repa_pipe.cache.sources_base import IMAGE_SUFFIXES, BadImageError, ImageSource
+from repa_pipe.pipeline.errors import BadInputError
+
+
+def expand_tar_spec(spec: str) -> list[Path]:
+    """A folder of .tar files, one .tar file, or a brace pattern ("shard-{000000..000009}.tar") -> tar paths.
+
+    Brace patterns are expanded with webdataset's own expander, so the same string means the same shards here and in
+    a webdataset pipeline. Every named tar must exist.
+    """
+    if "{" in spec:
+        from webdataset.shardlists import expand_urls  # imported here: it is only needed for patterns
+
+        paths = [Path(u).expanduser() for u in expand_urls(spec)]
+        missing = [str(q) for q in paths if not q.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise BadInputError(f"{spec}: shard {missing[0]} does not exist{more}")
+        return paths
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise BadInputError(f"{spec}: no such file or directory")
+    if p.is_dir():
+        paths = [q for q in p.iterdir() if q.suffix.lower() == ".tar" and q.is_file() and not q.name.startswith(".")]
+        if not paths:
+            raise BadInputError(f"{spec}: no .tar files in this folder")
+        return paths
+    return [p]
+
+
+class WebDatasetSource(ImageSource):
+    """Samples from WebDataset tar shards: members KEY.jpg|jpeg|png|webp (any case) with KEY.cls = integer label.
+
+    - Keys and suffixes are split as webdataset does (KEY = member name up to the first '.' of its base name).
+      Members of one KEY are grouped even when not adjacent in the tar (webdataset's stream reader would split them).
+    - Order: tars sorted by file name, samples in tar order (first member of each KEY).
+      key = "<tar file name>/<KEY>"; tar file names must therefore be unique.
+    - A sample with no .cls, an unparsable or negative .cls, several .cls, or several image members keeps its index,
+      gets label -1 (no usable label) or its parsed label, and is listed in `known_bad`; read() raises for it.
+    - Members with other suffixes (.json, .txt, ...) are ignored; a .cls with no image is not a sample (warning).
+    - Only uncompressed tars (random access by byte offset). Image bytes are read by (offset, size) at read time.
+    """
+
+    kind = "webdataset"
+
+    def __init__(self, spec: str) -> None:
+        paths = expand_tar_spec(spec)
+        self.root = spec if "{" in spec else str(Path(spec).expanduser().resolve())
+        paths = sorted(paths, key=lambda q: q.name)
+        names = [q.name for q in paths]
+        dup = [a for a, b in zip(names, names[1:]) if a == b]  # names are sorted, so duplicates are adjacent
+        if dup:
+            raise BadInputError(f"{spec}: several shards are named {dup[0]}; tar file names must be unique")
+        self.tar_paths = [str(q.resolve()) for q in paths]
+        self.class_names = None
+        self.warnings = []
+        self.known_bad = {}
+        keys: list[str] = []
+        labels: list[int] = []
+        tar_ids: list[int] = []
+        offsets: list[int] = []
+        sizes: list[int] = []
+        exts: list[str] = []
+        ext_pool: dict[str, str] = {}  # one str object per distinct suffix, so 1M samples do not hold 1M copies
+        for t, path in enumerate(self.tar_paths):
+            for prefix, images, cls_label, cls_problem in self._index_tar(path):
+                i = len(keys)
+                keys.append(f"{names[t]}/{prefix}")
+                tar_ids.append(t)
+                offsets.append(images[0][1])
+                sizes.append(images[0][2])
+                exts.append(ext_pool.setdefault(images[0][0], images[0][0]))
+                labels.append(cls_label)
+                if len(images) > 1:
+                    self.known_bad[i] = "several image members (" + ", ".join(f"{prefix}.{x[0]}" for x in images) + ")"
+                elif cls_problem:
+                    self.known_bad[i] = cls_problem
+        if not keys:
+            raise BadInputError(f"{spec}: no image samples found in {len(paths)} tar file(s)")
+        self.keys = keys
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._tar_ids = np.asarray(tar_ids, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        self._exts = exts
+        if self.known_bad:
+            first = min(self.known_bad)
+            self.warnings.append(f"{len(self.known_bad)} sample(s) unusable at listing time, e.g. "
+                                 f"{self.where(first)}: {self.known_bad[first]}")
+
+    def _index_tar(self, path: str) -> list[tuple[str, list[tuple[str, int, int]], int, str | None]]:
+        """[(KEY, [(image suffix as written, data offset, size), ...], label or -1, problem or None)] in tar order."""
+        from webdataset.tariterators import base_plus_ext
+
+        samples: dict[str, tuple[list, list]] = {}  # KEY -> (image members, cls members)
+        try:
+            file_size = os.path.getsize(path)
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if not m.isreg():
+                        continue
+                    prefix, suffix = base_plus_ext(m.name)
+                    if prefix is None:
+                        continue
+                    low = suffix.lower()
+                    if low in IMAGE_SUFFIXES:
+                        samples.setdefault(prefix, ([], []))[0].append((suffix, m.offset_data, m.size))
+                    elif low == "cls":
+                        samples.setdefault(prefix, ([], []))[1].append((m.offset_data, m.size))
+                end = tf.offset
+        except (tarfile.TarError, OSError) as e:
+            raise BadInputError(f"{path}: not a readable uncompressed tar file ({e})") from None
+        if end + 1024 > file_size:
+            # tarfile stops silently at a cut-off header; a complete tar ends with two 512-byte zero blocks.
+            self.warnings.append(f"{path}: no end-of-archive marker; the shard may be truncated after byte {end}")
+
+        out = []
+        orphans = 0
+        with open(path, "rb") as f:
+            for prefix, (images, clss) in samples.items():
+                if not images:
+                    orphans += 1
+                    continue
+                label, problem = -1, None
+                if not clss:
+                    problem = "no .cls label"
+                elif len(clss) > 1:
+                    problem = "several .cls members"
+                else:
+                    f.seek(clss[0][0])
+                    text = f.read(min(clss[0][1], 64)).decode("utf-8", "replace").strip()
+                    if clss[0][1] <= 64 and re.fullmatch(r"[0-9]+", text):  # rejects "-1", "1.5", "", "cat"
+                        label = int(text)
+                    else:
+                        problem = f"bad .cls label {text[:20]!r} (expected a non-negative integer)"
+                out.append((prefix, images, label, problem))
+        if orphans:
+            self.warnings.append(f"{path}: {orphans} .cls member(s) with no image member ignored")
+        return out
+
+    def where(self, i: int) -> str:
+        i = self._index(i)
+        key = self.keys[i]
+        prefix = key[key.index("/") + 1:]
+        return f"{self.tar_paths[self._tar_ids[i]]}/{prefix}.{self._exts[i]}"
+
+    def read_bytes(self, i: int) -> bytes:
+        i = self._index(i)
+        size = int(self._sizes[i])
+        try:
+            with open(self.tar_paths[self._tar_ids[i]], "rb") as f:
+                f.seek(int(self._offsets[i]))
+                data = f.read(size)
+        except OSError as e:
+            raise BadImageError(self.where(i), f"cannot read tar member ({e.strerror or e})") from None
+        if len(data) != size:
+            raise BadImageError(self.where(i), f"tar shard truncated ({len(data)} of {size} bytes present)")
+        return data
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["shards"] = [os.path.basename(q) for q in self.tar_paths]
+        return d
