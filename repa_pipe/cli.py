@@ -12,7 +12,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from repa_pipe.pipeline.errors import RepaError
 
@@ -111,35 +110,15 @@ def cache_info(
 ) -> None:
     """Show a cache's arrays, shapes, dtypes, bytes, progress and provenance."""
     from repa_pipe.cache import inspect
-    _run(lambda: _print_info(inspect.info(cache), as_json))
 
+    def go() -> None:
+        summary = inspect.info(cache)
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        else:
+            inspect.render_info(summary, Console())
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _print_info(info: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
-    out = Console()
-    ds = info["dataset"]
-    out.print(f"[bold]{info['root']}[/]  ({info['tool']}, created {info['created_utc']})")
-    out.print(f"source: {ds['kind']} {ds['root']}  N={ds['N']}  classes={ds.get('num_classes')}  "
-              f"file list sha256 {ds['file_list_sha256'][:12]}")
-    pp = info["preprocessing"]
-    out.print(f"preprocessing: {pp['crop']} {pp['resolution']}px;  shards: {info['num_shards']} x {info['shard_size']}")
-    table = Table("array", "shape", "dtype", "bytes", "progress", "status", "bad", "model")
-    for a in info["arrays"]:
-        model = a["model"]
-        label = f"{model.get('id')}" + (" [yellow](random init)[/]" if model.get("random_init") else "")
-        table.add_row(a["name"], "x".join(map(str, a["shape"])), a["dtype"], _human(a["bytes"]),
-                      f"{a['shards_done']}/{a['num_shards']}", a["status"], str(a["bad"]), label)
-    out.print(table)
+    _run(go)
 
 
 @cache_app.command("verify")
@@ -217,14 +196,59 @@ def export(
     _run(stage.run, run, out)
 
 
+@app.command("sample-eval")
+def sample_eval(
+    out: Path = typer.Option(..., "--out", help="Output folder: shards/, samples.npz (ADM format), grid.png, "
+                             "metrics.json, manifest.json. Re-running resumes unfinished shards."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Training run folder (its checkpoints and cache)."),
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint step in RUN, or a file: our .pt, an "
+                                       "exported .safetensors, or the reference implementation's last.pt. "
+                                       "Default: RUN's newest."),
+    model: Optional[str] = typer.Option(None, "--model", help="SiT preset; needed for the reference checkpoint (SiT-XL/2)."),
+    num_samples: int = typer.Option(50_000, "--num-samples", help="Samples to draw (the ADM protocol uses 50,000)."),
+    mode: str = typer.Option("sde", "--mode", help="Sampler: sde (Euler-Maruyama, grid ending at 0.04) or ode (Euler/Heun)."),
+    num_steps: int = typer.Option(250, "--num-steps", help="Sampler steps (model evaluations for SDE/Euler)."),
+    heun: bool = typer.Option(False, "--heun", help="ODE only: Heun's second-order correction."),
+    cfg_scale: float = typer.Option(1.8, "--cfg-scale", help="Classifier-free guidance scale (1: no guidance)."),
+    guidance_interval: str = typer.Option("0,0.7", "--guidance-interval", help="LO,HI: guide only where LO <= t <= HI "
+                                          "(t=1 is noise)."),
+    seed: int = typer.Option(0, "--seed", help="Sample i depends only on (seed, i)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch on a rank."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard file (the resume unit)."),
+    labels: str = typer.Option("random", "--labels", help="Class labels: random (uniform, as the reference) or "
+                               "balanced (i mod num_classes)."),
+    precision: str = typer.Option("fp32", "--precision", help="Model compute precision: fp32 or bf16."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Decoder codec. Default: the one that made the run's cache."),
+    vae_weights: Optional[str] = typer.Option(None, "--vae-weights", help="Local diffusers VAE folder."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="InceptionV3 weights file "
+                                                    "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth). "
+                                                    "Without it metrics are skipped."),
+    ref_stats: Optional[str] = typer.Option(None, "--ref-stats", help="Reference: an ADM reference npz "
+                                            "(VIRTUAL_imagenet256_labeled.npz) or stored stats. Default: computed "
+                                            "from the run's cache source images and stored in CACHE/stats."),
+    ref_images: int = typer.Option(50_000, "--ref-images", help="Source images used when computing reference statistics."),
+    fd_dinov2: bool = typer.Option(False, "--fd-dinov2", help="Also compute FD_DINOv2 (DINOv2-L CLS features)."),
+    dinov2_weights: Optional[str] = typer.Option(None, "--dinov2-weights", help="DINOv2-L weights file for --fd-dinov2."),
+    eval_only: Optional[Path] = typer.Option(None, "--eval-only", help="Evaluate this ADM-format npz; no sampling."),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="Images per Inception forward."),
+) -> None:
+    """Sample from a trained model (SDE/ODE, guidance interval) and evaluate under the ADM protocol."""
+    from repa_pipe.stages import sample_eval as stage
+    _run(stage.run, stage.SampleEvalConfig(**_locals(locals())))
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Argument(..., help="Output folder for the demo's dataset, cache and runs."),
     resolution: int = typer.Option(32, "--resolution", help="Image size of the digits dataset."),
     vae: str = typer.Option("pixel", "--vae", help="Latent codec for the demo cache (pixel or tiny)."),
     workers: int = typer.Option(0, "--workers", help="Image-decoding loader processes."),
+    steps: int = typer.Option(300, "--steps", help="Training steps of the tiny model."),
+    num_samples: int = typer.Option(64, "--num-samples", help="Samples drawn by the final sample-eval."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="InceptionV3 weights "
+                                                    "file; with it the demo also computes FID & co."),
 ) -> None:
-    """Run the pipeline on scikit-learn's digits, on a CPU, in a few minutes."""
+    """Run the pipeline (encode, train, sample-eval) on scikit-learn's digits, on a CPU, in a few minutes."""
     from repa_pipe.stages import demo as stage
     _run(stage.run, stage.DemoConfig(**_locals(locals())))
 

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
@@ -87,3 +89,37 @@ def verify(root: str | Path) -> VerifyReport:
     for name in m["arrays"]:
         _verify_array(root, m, name, report)
     return report
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def render_info(info_: dict[str, Any], out: Console) -> None:
+    """`cache info` as a header and one table row per array; random-init models are marked."""
+    ds = info_["dataset"]
+    out.print(f"[bold]{info_['root']}[/]  ({info_['tool']}, created {info_['created_utc']})", highlight=False)
+    out.print(f"source: {ds['kind']} {ds['root']}  N={ds['N']}  classes={ds.get('num_classes')}  "
+              f"file-list sha256 {ds['file_list_sha256'][:12]}", highlight=False)
+    pp = info_["preprocessing"]
+    out.print(f"preprocessing: {pp['crop']} {pp['resolution']}px;  {info_['num_shards']} shards x "
+              f"{info_['shard_size']} samples", highlight=False)
+    # Short columns only, folded rather than elided when narrow (rich's default squeezed an 80-column table into
+    # "feature…" / "random…"); the long model provenance goes on its own unwrapped line per array.
+    table = Table()
+    for column in ("array", "shape", "dtype", "bytes", "shards done", "status", "bad"):
+        table.add_column(column, overflow="fold")
+    for a in info_["arrays"]:
+        table.add_row(a["name"], "x".join(map(str, a["shape"])), a["dtype"], _human(a["bytes"]),
+                      f"{a['shards_done']}/{a['num_shards']}", a["status"], str(a["bad"]))
+    # A pipe or log file has no width limit: render there at full width instead of rich's default 80 columns.
+    (out if out.is_terminal else Console(file=out.file, width=max(out.width, 200))).print(table)
+    for a in info_["arrays"]:
+        model = a["model"]
+        mark = " [yellow](random init)[/]" if model.get("random_init") else ""
+        out.print(f"{a['name']}: model {model.get('id')}{mark}, weights hash {model.get('weights_hash')}",
+                  highlight=False, soft_wrap=True)

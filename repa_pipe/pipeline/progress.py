@@ -14,7 +14,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from repa_pipe.pipeline import dist
 
-console = Console(stderr=True)
+# Not on a terminal (CI logs, files), rich would wrap at 80 columns; tables read better wider.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def log(msg: str) -> None:

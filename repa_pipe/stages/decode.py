@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from repa_pipe.cache import layout
-from repa_pipe.models.latent_codecs import load_codec
+from repa_pipe.models.vae_decoder import load_vae_decoder
 from repa_pipe.stages.images import to_uint8
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # (N, C, h, w) model-space latents -> (N, H, W, 3) uint8
@@ -23,7 +23,7 @@ def codec_of(cache: Path, latents: str) -> tuple[str, Optional[str]]:
 
 
 def make_decoder(name: str, weights: Optional[str], device: torch.device) -> Decoder:
-    codec = load_codec(name, weights, device=device)
+    codec = load_vae_decoder(name, weights, device=device)  # never builds the VAE encoder
 
     @torch.no_grad()
     def decode(z: torch.Tensor) -> torch.Tensor:

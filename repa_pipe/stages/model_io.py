@@ -1,0 +1,113 @@
+"""Loading SiT weights for sampling from any of the three places they come in.
+
+- our training checkpoint (RUN/checkpoints/NNNNNNN.pt, its `ema` entry),
+- our exported safetensors (`repa-pipe export`),
+- the reference implementation's published checkpoint (`last.pt`: a bare EMA state dict, or a dict with `ema`).
+
+The architecture is read off the weights (channels, patch, token grid, classes, projector dims) and checked
+against the preset name, so a wrong `--model` is one clear error rather than a shape traceback.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+
+from repa_pipe.models.sit import SIT_PRESETS, SiT, build_sit, load_reference_state_dict
+from repa_pipe.pipeline import checkpoint
+from repa_pipe.pipeline.errors import ConfigError
+
+
+@dataclass
+class LoadedModel:
+    model: SiT
+    source: str                      # file the weights came from
+    kind: str                        # "checkpoint" | "safetensors" | "reference"
+    step: Optional[int]
+    train_config: dict[str, Any]     # the training config when known ({} for the reference checkpoint)
+
+
+def resolve_weights(run: Optional[Path], ckpt: Optional[str]) -> Path:
+    """--ckpt FILE, --ckpt STEP (in RUN), or RUN's newest checkpoint."""
+    if ckpt is not None and not ckpt.isdigit():
+        p = Path(ckpt)
+        if not p.is_file():
+            raise ConfigError(f"--ckpt {ckpt}: no such file")
+        return p
+    if run is None:
+        raise ConfigError("pass --run RUN (a training run folder) or --ckpt FILE")
+    if ckpt is not None:
+        p = checkpoint.ckpt_path(run, int(ckpt))
+        if not p.is_file():
+            have = [s for s, _ in checkpoint.list_checkpoints(run)]
+            raise ConfigError(f"--ckpt {ckpt}: {run} has no checkpoint at that step (have: {have or 'none'})")
+        return p
+    p = checkpoint.latest(run)
+    if p is None:
+        raise ConfigError(f"{run}: no checkpoints in {run}/checkpoints")
+    return p
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, Optional[int], dict[str, Any]]:
+    """(EMA state dict, kind, step, train config) from a checkpoint, safetensors or reference file."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        cfg = json.loads(meta["config"]) if "config" in meta else {}
+        step = int(meta["step"]) if "step" in meta else None
+        return sd, "safetensors", step, cfg
+    ck = checkpoint.load(path)
+    if isinstance(ck, dict) and ck.get("format", "").startswith("repa-pipe-train"):
+        return ck["ema"], "checkpoint", int(ck["step"]), ck["config"]
+    if isinstance(ck, dict) and "ema" in ck and isinstance(ck["ema"], dict):
+        return ck["ema"], "reference", ck.get("steps"), {}
+    if isinstance(ck, dict) and all(isinstance(v, torch.Tensor) for v in ck.values()):
+        return ck, "reference", None, {}
+    raise ConfigError(f"{path}: neither a repa-pipe checkpoint nor a SiT state dict")
+
+
+def _shape(sd: dict[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:
+    if key not in sd:
+        raise ConfigError(f"{path}: not a SiT state dict (no {key})")
+    return tuple(sd[key].shape)
+
+
+def build_from_weights(sd: dict[str, torch.Tensor], preset: str, encoder_depth: int, path: Path) -> SiT:
+    """Build preset `preset` with the geometry the weights imply, then load them strictly."""
+    if preset not in SIT_PRESETS:
+        raise ConfigError(f"--model must be one of {', '.join(SIT_PRESETS)}; got {preset!r}")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    hidden, channels, p, _ = _shape(sd, "x_embedder.proj.weight", path)
+    tokens = _shape(sd, "pos_embed", path)[1]
+    grid = int(round(tokens ** 0.5))
+    num_classes = _shape(sd, "y_embedder.embedding_table.weight", path)[0] - 1
+    z_dims, i = [], 0
+    while f"projectors.{i}.4.weight" in sd:
+        z_dims.append(sd[f"projectors.{i}.4.weight"].shape[0])
+        i += 1
+    projector_dim = sd["projectors.0.0.weight"].shape[0] if z_dims else 2048
+    pre = SIT_PRESETS[preset]
+    if (pre.hidden_size, pre.patch_size) != (hidden, p):
+        raise ConfigError(f"{path}: weights are width {hidden}, patch {p}; --model {preset} is width "
+                          f"{pre.hidden_size}, patch {pre.patch_size}")
+    model = build_sit(preset, input_size=grid * p, in_channels=channels, num_classes=num_classes,
+                      encoder_depth=min(encoder_depth, pre.depth), z_dims=z_dims, projector_dim=projector_dim)
+    load_reference_state_dict(model, sd)
+    return model
+
+
+def load_for_sampling(run: Optional[Path], ckpt: Optional[str], preset: Optional[str], encoder_depth: int,
+                      device: torch.device) -> LoadedModel:
+    path = resolve_weights(run, ckpt)
+    sd, kind, step, cfg = read_weights(path)
+    name = preset or cfg.get("model")
+    if name is None:
+        raise ConfigError(f"{path}: a reference checkpoint does not say its model; pass --model (e.g. SiT-XL/2)")
+    model = build_from_weights(sd, name, cfg.get("encoder_depth", encoder_depth), path)
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, str(path), kind, step, cfg)
