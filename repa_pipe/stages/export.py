@@ -1,14 +1,23 @@
-"""`repa-pipe export RUN OUT.safetensors`: the EMA weights of a run, as safetensors."""
+"""`repa-pipe export RUN OUT.safetensors`: the EMA weights of a run, as safetensors.
+
+The metadata holds the training config and the cache facts that fix the architecture (latent size and
+channels, classes, projector dims), so the file alone is enough to rebuild and sample the model.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import save as safetensors_bytes
 
 from repa_pipe.pipeline import checkpoint
 from repa_pipe.pipeline.errors import ConfigError
+from repa_pipe.pipeline.fileio import atomic_write_bytes
 from repa_pipe.pipeline.progress import log
+
+EXPORT_FORMAT = "repa-pipe-ema/1"
 
 
 def resolve_checkpoint(run_or_file: Path) -> Path:
@@ -21,16 +30,21 @@ def resolve_checkpoint(run_or_file: Path) -> Path:
     return found
 
 
+def ema_tensors(ck: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(ck, dict) or not isinstance(ck.get("ema"), dict):
+        raise ConfigError(f"{path}: not a repa-pipe training checkpoint (no 'ema' entry)")
+    return {k: v.detach().cpu().contiguous() for k, v in ck["ema"].items()}
+
+
+def metadata(ck: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata is str -> str: JSON for the nested parts."""
+    return {"format": EXPORT_FORMAT, "step": str(ck["step"]), "config": json.dumps(ck.get("config", {})),
+            "cache_spec": json.dumps(ck.get("cache_spec", {}))}
+
+
 def run(run_or_file: Path, out: Path) -> None:
     path = resolve_checkpoint(run_or_file)
     ck = checkpoint.load(path)
-    if "ema" not in ck:
-        raise ConfigError(f"{path}: not a repa-pipe training checkpoint (no 'ema' entry)")
-    tensors = {k: v.contiguous() for k, v in ck["ema"].items()}
-    meta = {"format": "repa-pipe-ema/1", "step": str(ck["step"]), "config": json.dumps(ck["config"])}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out)
+    tensors = ema_tensors(ck, path)
+    atomic_write_bytes(Path(out), safetensors_bytes(tensors, metadata=metadata(ck)))  # never a torn file
     log(f"wrote {out}: EMA weights of {path} (step {ck['step']}, {len(tensors)} tensors)")

@@ -12,13 +12,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 from repa_pipe.cache import layout
-from repa_pipe.cache.reader import CacheReader, IndexSampler
+from repa_pipe.cache.reader import CacheReader, IndexSampler, valid_mask
 from repa_pipe.pipeline.errors import CacheMismatchError
 
 
@@ -35,6 +35,7 @@ class CacheSpec:
     feature_dims: list[int]
     num_classes: int
     n: int
+    valid: Optional[int] = None  # rows not recorded bad in any of the arrays above (None: all n)
 
 
 def _complete(root: Path, m: dict, name: str, option: str) -> dict:
@@ -60,22 +61,50 @@ def pick_latents(m: dict, asked: str | None, root: Path) -> str:
     return names[0]
 
 
+def _scaling_factor(root: Path, name: str, entry: dict) -> float:
+    try:
+        return float(entry["extra"]["scaling_factor"])
+    except (KeyError, TypeError, ValueError):
+        raise CacheMismatchError(f"{root}: {name} records no scaling_factor in its manifest entry; "
+                                 "re-encode it with this version of encode-latents") from None
+
+
+def _check_labels(root: Path, labels: np.ndarray, n: int, num_classes: int) -> None:
+    if len(labels) != n:
+        raise CacheMismatchError(f"{root}: index/labels.npy has {len(labels)} rows, the manifest says {n}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CacheMismatchError(f"{root}: labels span [{labels.min()}, {labels.max()}] but the dataset has "
+                                 f"{num_classes} classes")
+
+
 def check_cache(root: Path, encoders: list[str], latents: str | None) -> CacheSpec:
     """Read the manifest and check every array training needs is there, complete and consistent."""
     m = layout.load_manifest(root)
     lat_name = pick_latents(m, latents, root)
     lat = _complete(root, m, lat_name, "--latents")
-    feats = [_complete(root, m, f"features/{e}", "--encoder") for e in encoders]
+    if lat["kind"] != "latents":
+        raise CacheMismatchError(f"{root}: {lat_name} holds {lat['kind']}, not latents; fix --latents")
+    feat_names = [f"features/{e}" for e in encoders]
+    feats = [_complete(root, m, f, "--encoder") for f in feat_names]
     labels = layout.read_labels(root)
-    if len(labels) != m["dataset"]["N"]:
-        raise CacheMismatchError(f"{root}: index/labels.npy has {len(labels)} rows, the manifest says {m['dataset']['N']}")
+    n = int(m["dataset"]["N"])
+    num_classes = int(m["dataset"].get("num_classes") or int(labels.max()) + 1)
+    _check_labels(root, labels, n, num_classes)
     c2, h, w = lat["shape"][1:]
     if h != w:
         raise CacheMismatchError(f"{root}: {lat_name} latents are {h}x{w}; only square latents are supported")
-    return CacheSpec(latents=lat_name, features=[f"features/{e}" for e in encoders], latent_channels=c2 // 2,
-                     latent_size=h, scaling_factor=float(lat["extra"]["scaling_factor"]),
+    return CacheSpec(latents=lat_name, features=feat_names, latent_channels=c2 // 2, latent_size=h,
+                     scaling_factor=_scaling_factor(root, lat_name, lat),
                      feature_tokens=[f["shape"][1] for f in feats], feature_dims=[f["shape"][2] for f in feats],
-                     num_classes=int(m["dataset"].get("num_classes") or int(labels.max()) + 1), n=m["dataset"]["N"])
+                     num_classes=num_classes, n=n, valid=int(valid_mask(m, [lat_name, *feat_names]).sum()))
+
+
+def check_batch_fits(spec: CacheSpec, global_batch: int, root: Path) -> None:
+    """Every step reads one full global batch of distinct rows (drop_last): the cache must hold that many."""
+    valid = spec.n if spec.valid is None else spec.valid
+    if valid < global_batch:
+        raise CacheMismatchError(f"{root}: {valid} usable rows (of {spec.n}) are fewer than one "
+                                 f"--global-batch-size {global_batch}")
 
 
 def check_model_fits(spec: CacheSpec, model_tokens: int, model_desc: str) -> None:
@@ -143,20 +172,23 @@ class BatchStream:
         return Batch(step, t(got[self.spec.latents].astype(np.float32, copy=False)),
                      [t(got[f]) for f in self.spec.features], torch.from_numpy(got["labels"]), draws)
 
+    def _put(self, item: Batch | BaseException) -> bool:
+        """Queue `item` unless the stream is closed meanwhile (then False: the consumer is gone)."""
+        while not self._stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _produce(self, start: int, end: int) -> None:
         try:
             for step in range(start, end):
-                item = self._make(step)
-                while not self._stop.is_set():
-                    try:
-                        self.q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(self._make(step)):
                     return
         except BaseException as e:  # surface loader errors in the training thread
-            self.q.put(e)
+            self._put(e)
 
     def __iter__(self) -> Iterator[Batch]:
         return self

@@ -4,13 +4,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from repa_pipe.models.samplers import PerSampleRandn, sample
 from repa_pipe.pipeline import dist
+from repa_pipe.pipeline.errors import RepaError
+from repa_pipe.pipeline.fileio import atomic_write_bytes
 from repa_pipe.pipeline.progress import log
 from repa_pipe.stages import images
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:  # imported for types only: train imports this module
     from repa_pipe.stages.train import State, TrainConfig
     from repa_pipe.stages.train_data import CacheSpec
 
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # model-space latents -> (N, H, W, 3) uint8
 PREVIEW_N, PREVIEW_STEPS, PREVIEW_CFG = 16, 50, 4.0  # the reference's preview sampler: Euler ODE, 50 steps, w=4
 
 
@@ -35,7 +39,10 @@ class Watcher:
         if self.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency
             self.tb = SummaryWriter(str(self.run / "tensorboard"))
-        self._decoder = None
+        self._decoder: Optional[Decoder] = None
+        self.preview_enabled = True
+        if self.main:
+            truncate_metrics(self.run / "metrics.jsonl", state.step)
 
     def accumulate(self, sums: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
         for k, v in {**sums, "grad_norm": grad_norm.float()}.items():
@@ -68,16 +75,27 @@ class Watcher:
         log(f"step {step:>7d}  loss {rec['loss']:.4f}  denoise {rec['denoise']:.4f}  align {rec['align']:.4f}  "
             f"grad {rec['grad_norm']:.3f}  {rec['images_per_s']:.1f} img/s  wait {100 * rec['data_wait_frac']:.1f}%")
 
-    def decoder(self):
-        if self._decoder is None:
-            from repa_pipe.stages.decode import latent_decoder
-            self._decoder = latent_decoder(Path(self.cfg.cache), self.spec.latents, dist.device())
+    def decoder(self) -> Optional[Decoder]:
+        """The cache's latent decoder, built on first use; None (with one warning) when it cannot be had, e.g.
+        VAE weights not on this machine: a missing preview must not stop a training run."""
+        if self._decoder is None and self.preview_enabled:
+            from repa_pipe.stages.decode import latent_decoder  # the VAE is only needed for previews
+            try:
+                self._decoder = latent_decoder(Path(self.cfg.cache), self.spec.latents, dist.device())
+            except RepaError as e:
+                log(f"[yellow]previews disabled: cannot build the decoder of {self.spec.latents} ({escape(str(e))})[/]")
+                self.preview_enabled = False
         return self._decoder
 
     @torch.no_grad()
     def preview(self, step: int) -> None:
-        """EMA model, eval mode, fixed noise and labels: a grid PNG at RUN/samples/<step>.png (rank 0)."""
+        """EMA model, eval mode, fixed noise and labels: a grid PNG at RUN/samples/<step>.png (rank 0).
+
+        Noise comes from per-sample generators, never the global RNG, so previews do not change training."""
         if not self.main:
+            return
+        decode = self.decoder()
+        if decode is None:
             return
         ema = self.state.ema
         dev = next(ema.parameters()).device
@@ -87,14 +105,28 @@ class Watcher:
         y = torch.arange(PREVIEW_N, device=dev) % self.spec.num_classes
         x = sample(ema.forward_velocity, z, y, mode="ode", num_steps=PREVIEW_STEPS, cfg_scale=PREVIEW_CFG,
                    null_class=self.spec.num_classes)
-        pixels = self.decoder()(x.float())  # (N, H, W, 3) uint8
-        images.save_grid(pixels, self.run / "samples" / f"{step:07d}.png")
+        images.save_grid(decode(x.float()), self.run / "samples" / f"{step:07d}.png")
 
     def close(self) -> None:
+        """Called in a `finally`: never raise, so an error of the run is not replaced by one of the curve."""
         if self.tb is not None:
             self.tb.close()
         if self.main and (self.run / "metrics.jsonl").is_file():
-            images.save_loss_curve(self.run / "metrics.jsonl", self.run / "loss.png")
+            try:
+                images.save_loss_curve(self.run / "metrics.jsonl", self.run / "loss.png")
+            except Exception as e:  # noqa: BLE001
+                log(f"[yellow]loss curve not written: {type(e).__name__}: {escape(str(e))}[/]")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after `step`: a run that died past its last checkpoint and resumes from it logs those
+    steps again, and each step must appear once."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def read_metrics(path: Path) -> list[dict]:
