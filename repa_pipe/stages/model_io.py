@@ -9,6 +9,7 @@ against the preset name, so a wrong `--model` is one clear error rather than a s
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,20 +56,34 @@ def resolve_weights(run: Optional[Path], ckpt: Optional[str]) -> Path:
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, Optional[int], dict[str, Any]]:
     """(EMA state dict, kind, step, train config) from a checkpoint, safetensors or reference file."""
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # truncated or foreign file: name it, no Rust traceback
+            raise ConfigError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         cfg = json.loads(meta["config"]) if "config" in meta else {}
         step = int(meta["step"]) if "step" in meta else None
         return sd, "safetensors", step, cfg
-    ck = checkpoint.load(path)
-    if isinstance(ck, dict) and ck.get("format", "").startswith("repa-pipe-train"):
+    ck = _load_pt(path)
+    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("repa-pipe-train"):
         return ck["ema"], "checkpoint", int(ck["step"]), ck["config"]
     if isinstance(ck, dict) and "ema" in ck and isinstance(ck["ema"], dict):
         return ck["ema"], "reference", ck.get("steps"), {}
     if isinstance(ck, dict) and all(isinstance(v, torch.Tensor) for v in ck.values()):
         return ck, "reference", None, {}
     raise ConfigError(f"{path}: neither a repa-pipe checkpoint nor a SiT state dict")
+
+
+def _load_pt(path: Path) -> Any:
+    """torch.load(weights_only=True), also for the reference's training checkpoints: they pickle `args`, an
+    argparse.Namespace (a plain attribute bag), which the weights-only unpickler refuses unless allowlisted."""
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; 2.4 has only add_safe_globals
+    if safe is None:
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        return checkpoint.load(path)
+    with safe([argparse.Namespace]):
+        return checkpoint.load(path)
 
 
 def _shape(sd: dict[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:

@@ -4,16 +4,22 @@ Sample i depends only on (seed, i): its own generator draws its starting noise, 
 `random`) and every SDE noise, so the same images come out at any world size or batch size. Shards of
 samples are written as they finish (resume skips them); then OUT/samples.npz (ADM format), OUT/grid.png,
 OUT/metrics.json and OUT/manifest.json.
+
+Resume is safe only for the same samples: OUT/shards/sampling.json records everything a sample depends on
+(weights by content hash, sampler, guidance, seed, labels, precision, decoder, sample and shard counts; not the
+batch size or the world size, which change nothing) and a re-run with different settings is refused.
 """
 from __future__ import annotations
 
 import contextlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 
 from repa_pipe import __version__
 from repa_pipe.cache import layout
@@ -26,7 +32,8 @@ from repa_pipe.models.samplers import PerSampleRandn, sample
 from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.config import to_dict
 from repa_pipe.pipeline.errors import ConfigError, MissingWeightsError
-from repa_pipe.pipeline.fileio import atomic_write_json
+from repa_pipe.pipeline.fileio import atomic_write_json, read_json
+from repa_pipe.pipeline.hashing import hash_state_dict
 from repa_pipe.pipeline.progress import Tracker, log
 from repa_pipe.stages import images, model_io, sample_io
 from repa_pipe.stages.decode import Decoder, codec_of, make_decoder
@@ -97,6 +104,7 @@ class Sampler:
     model: torch.nn.Module
     decode: Decoder
     device: torch.device
+    decoder_id: tuple[str, Optional[str]] = ("", None)  # (codec name, weights) that decode
 
     @property
     def num_classes(self) -> int:
@@ -121,9 +129,35 @@ class Sampler:
         return self.decode(x.float()).numpy(), y.cpu().numpy()
 
 
-def run_sampling(cfg: SampleEvalConfig, s: Sampler) -> int:
+def sampling_key(cfg: SampleEvalConfig, s: Sampler, weights_hash: str) -> dict[str, Any]:
+    """Everything sample i depends on, besides i (batch size and world size change nothing)."""
+    lo, hi = parse_interval(cfg.guidance_interval)
+    return {"weights_state_sha256": weights_hash, "num_samples": cfg.num_samples, "shard_size": cfg.shard_size,
+            "mode": cfg.mode, "num_steps": cfg.num_steps, "heun": cfg.heun, "cfg_scale": cfg.cfg_scale,
+            "guidance_interval": [lo, hi], "seed": cfg.seed, "labels": cfg.labels, "precision": cfg.precision,
+            "decoder": [s.decoder_id[0], str(Path(s.decoder_id[1]).resolve()) if s.decoder_id[1] else None]}
+
+
+def check_resume(out: Path, key: dict[str, Any]) -> None:
+    """Refuse to mix shards made with other settings; rank 0 records the key before any shard is written."""
+    path = out / "shards" / "sampling.json"
+    have = read_json(path) if path.is_file() else None
+    if have is not None and have != key and any((out / "shards").glob("[0-9]*.npz")):
+        diff = sorted(k for k in set(have) | set(key) if have.get(k) != key.get(k))
+        raise ConfigError(f"{out}: holds sample shards made with other settings "
+                          f"({'; '.join(f'{k}: {have.get(k)!r} then, {key.get(k)!r} now' for k in diff)}); "
+                          f"use another --out, or delete {out / 'shards'} to start over")
+    dist.barrier()  # every rank has read the old key before rank 0 may write the new one
+    if dist.is_main() and have != key:
+        atomic_write_json(path, key)
+    dist.barrier()
+
+
+def run_sampling(cfg: SampleEvalConfig, s: Sampler, key: Optional[dict[str, Any]] = None) -> int:
     """Write every missing shard this rank owns; returns the number of shards."""
     out = Path(cfg.out)
+    if key is not None:
+        check_resume(out, key)
     n_shards = (cfg.num_samples + cfg.shard_size - 1) // cfg.shard_size
     mine = [k for k in range(dist.get_rank(), n_shards, dist.get_world_size())
             if not sample_io.shard_path(out, k).is_file()]
@@ -141,6 +175,9 @@ def run_sampling(cfg: SampleEvalConfig, s: Sampler) -> int:
                 bar.update(len(y))
             sample_io.write_shard(out, k, np.concatenate(imgs), np.concatenate(labels))
     dist.barrier()
+    if dist.is_main():  # every rank is done writing: temp files left by a killed run can go
+        for tmp in (out / "shards").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     return n_shards
 
 
@@ -157,7 +194,7 @@ def make_sampler(cfg: SampleEvalConfig, device: torch.device) -> tuple[Sampler, 
     else:
         raise ConfigError("cannot tell which VAE decodes these latents: pass --vae (e.g. sd-vae-ft-ema) "
                           "and --vae-weights DIR")
-    return Sampler(cfg, loaded.model, make_decoder(name, weights, device), device), loaded
+    return Sampler(cfg, loaded.model, make_decoder(name, weights, device), device, (name, weights)), loaded
 
 
 def _only_latents(cache: Path) -> str:
@@ -168,14 +205,17 @@ def _only_latents(cache: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def reference_stats(cfg: SampleEvalConfig, inception, cache: Optional[Path]) -> ReferenceStats:
-    """--ref-stats file, else statistics of the cache's source images (computed once, stored in CACHE/stats)."""
+def reference_stats(cfg: SampleEvalConfig, inception, cache: Optional[Path], dinov2=None) -> ReferenceStats:
+    """--ref-stats file, else statistics of the cache's source images (computed once, stored in CACHE/stats).
+
+    `dinov2` (a DINOv2-L CLS forward) adds the FD_DINOv2 reference statistics to those computed here."""
     if cfg.ref_stats:
         return ReferenceStats.load(cfg.ref_stats, inception, cfg.eval_batch_size)
     if cache is None:
         raise ConfigError("no reference statistics: pass --ref-stats (an ADM reference npz such as "
                           "VIRTUAL_imagenet256_labeled.npz) or evaluate a run whose cache holds the source images")
-    path = Path(cache) / "stats" / f"inception-ref-{inception.weights_sha256[:8]}-{cfg.ref_images}.npz"
+    tag = f"inception-ref-{inception.weights_sha256[:8]}-{cfg.ref_images}" + ("-dinov2" if dinov2 else "")
+    path = Path(cache) / "stats" / f"{tag}.npz"
     if path.is_file():
         return ReferenceStats.load(path, inception, cfg.eval_batch_size)
     m = layout.load_manifest(cache)
@@ -189,10 +229,30 @@ def reference_stats(cfg: SampleEvalConfig, inception, cache: Optional[Path]) -> 
             yield np.stack([load_preprocessed(source, int(i), res) for i in idx[b:b + cfg.eval_batch_size]])
 
     log(f"reference statistics from {n} source images of {cache} (stored in {path} for reuse)")
-    ref = ReferenceStats.from_images(batches(), inception, cfg.eval_batch_size,
+    ref = ReferenceStats.from_images(batches(), inception, cfg.eval_batch_size, dinov2_forward=dinov2,
                                      meta={"source": str(cache), "num_images": n, "resolution": res})
     ref.save(path)
     return ref
+
+
+def check_sample_npz(npz: Path) -> int:
+    """Header (dtype, shape) and, unless the array is uint8, every value: a bad file fails before any model
+    loads rather than after Inception (and the reference statistics) have run. Returns N."""
+    n = npz_image_count(npz)
+    if _arr0_dtype(npz) != np.uint8:
+        for _ in iter_npz_images(npz, 1024):  # raises on the first value outside 0..255
+            pass
+    return n
+
+
+def _arr0_dtype(npz: Path) -> Optional[np.dtype]:
+    """dtype of arr_0 from its .npy header (None when the header version is not 1.0/2.0: check the values)."""
+    with zipfile.ZipFile(npz) as zf, zf.open("arr_0.npy") as f:
+        version = npy_format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        return np.dtype(read(f)[2])
 
 
 def run_eval(cfg: SampleEvalConfig, npz: Path, cache: Optional[Path]) -> Optional[dict[str, Any]]:
@@ -201,12 +261,12 @@ def run_eval(cfg: SampleEvalConfig, npz: Path, cache: Optional[Path]) -> Optiona
         log("metrics skipped: pass --inception-weights FILE (torch-fidelity's "
             "weights-inception-2015-12-05-6726825d.pth) to compute FID, sFID, IS, precision and recall")
         return None
-    n = npz_image_count(npz)  # header checks first: a bad file fails before any model loads
+    n = check_sample_npz(npz)
     device = dist.device()
     inception = load_inception(cfg.inception_weights, device)
     log(f"evaluating {n} samples from {npz}")
-    ref = reference_stats(cfg, inception, cache)
     fd = _dinov2_forward(cfg, device) if cfg.fd_dinov2 else None
+    ref = reference_stats(cfg, inception, cache, fd)
     metrics = evaluate(iter_npz_images(npz, cfg.eval_batch_size), ref, inception, cfg.eval_batch_size, fd)
     log("  ".join(f"{k} {metrics[k]:.4f}" for k in ("fid", "sfid", "inception_score", "precision", "recall",
                                                       "fd_dinov2") if k in metrics))
@@ -228,6 +288,10 @@ def run(cfg: SampleEvalConfig) -> None:
     out = Path(cfg.out)
     if cfg.eval_only is not None:
         if dist.is_main():
+            check_sample_npz(Path(cfg.eval_only))
+            if not cfg.inception_weights:  # nothing else to do: exit 1 rather than a silent no-op
+                raise MissingWeightsError("--eval-only computes metrics: pass --inception-weights FILE "
+                                          "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
             metrics = run_eval(cfg, Path(cfg.eval_only), None)
             if metrics is not None:
                 atomic_write_json(out / "metrics.json", _jsonable(metrics))
@@ -236,7 +300,8 @@ def run(cfg: SampleEvalConfig) -> None:
     s, loaded = make_sampler(cfg, device)
     log(f"sample-eval: {loaded.kind} {loaded.source} (step {loaded.step}), {cfg.num_samples} samples, "
         f"{cfg.mode} {cfg.num_steps} steps, cfg {cfg.cfg_scale} on t in [{cfg.guidance_interval}]")
-    n_shards = run_sampling(cfg, s)
+    weights_hash = hash_state_dict(loaded.model.state_dict())
+    n_shards = run_sampling(cfg, s, sampling_key(cfg, s, weights_hash))
     if not dist.is_main():
         return
     h, w = sample_io.read_shard(out, 0)[0].shape[1:3]
@@ -250,7 +315,8 @@ def run(cfg: SampleEvalConfig) -> None:
         atomic_write_json(out / "metrics.json", _jsonable(metrics))
     atomic_write_json(out / "manifest.json", {
         "tool": f"repa-pipe {__version__}", "config": to_dict(cfg), "weights": loaded.source,
-        "weights_kind": loaded.kind, "step": loaded.step, "num_samples": cfg.num_samples, "image_size": [h, w],
+        "weights_kind": loaded.kind, "weights_state_sha256": weights_hash, "decoder": list(s.decoder_id),
+        "step": loaded.step, "num_samples": cfg.num_samples, "image_size": [h, w],
         "uint8": "(x+1)/2, clamp(255x, 0, 255), truncated to uint8 (the reference's conversion)",
         "samples_npz": str(npz), "metrics": "metrics.json" if metrics is not None else None})
     log(f"wrote {npz}, {out / 'grid.png'}" + (f", {out / 'metrics.json'}" if metrics is not None else ""))
