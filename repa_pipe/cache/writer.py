@@ -35,6 +35,9 @@ def open_or_create(root: Path, dataset: dict, keys: list[str], labels: np.ndarra
         manifest = layout.load_manifest(root)
         layout.check_same_dataset(manifest, dataset, resolution, shard_size, root)
         return manifest
+    if root.exists() and not root.is_dir():
+        raise NotACacheError(f"{root}: exists and is not a folder (nor a repa-pipe cache); "
+                             "pass a new or empty folder to --cache")
     if root.exists() and any(root.iterdir()):
         raise NotACacheError(f"{root}: folder exists, is not empty and is not a repa-pipe cache; "
                              "pass a new or empty folder to --cache")

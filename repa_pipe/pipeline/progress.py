@@ -21,7 +21,7 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 def log(msg: str) -> None:
     """One line on rank 0's console (stderr, so stdout stays clean for data)."""
     if dist.is_main():
-        console.print(msg, highlight=False)
+        console.print(msg, highlight=False, soft_wrap=True)
 
 
 class Tracker:

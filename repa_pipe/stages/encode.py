@@ -158,10 +158,11 @@ def _encode_batch(job: EncodeJob, batch: PreprocessedBatch, shard_start: int, bu
     for index, ok, reason in zip(batch.indices, batch.valid, batch.reasons):
         if ok:
             continue
+        where = job.source.where(int(index))
         if not job.skip_bad:
-            raise BadInputError(f"{reason} (sample {index}; pass --skip-bad to record it and go on; "
+            raise BadInputError(f"{where}: {reason} (sample {index}; pass --skip-bad to record it and go on; "
                                 "finished shards are kept)")
-        bad.append({"index": int(index), "key": job.source.keys[index], "reason": reason})
+        bad.append({"index": int(index), "key": job.source.keys[index], "path": where, "reason": reason})
     if not batch.valid.any():
         return
     x = torch.from_numpy(batch.images[batch.valid]).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
@@ -176,3 +177,16 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     dev = dist.device().type
     return torch.autocast(device_type=dev, dtype=PRECISIONS[precision])
+
+
+def run_job(job: EncodeJob, make_entry: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]],
+            forward: Callable[[torch.Tensor], torch.Tensor], precision: str) -> None:
+    """Create (or check) the array, then encode every pending shard with `forward` under `precision`."""
+    name, manifest = setup_array(job, make_entry)
+    amp = autocast(precision)
+
+    def model_fn(x: torch.Tensor) -> torch.Tensor:
+        with amp:
+            return forward(x)
+
+    encode_shards(job, name, manifest, model_fn)

@@ -83,11 +83,5 @@ def run(cfg: EncodeFeaturesConfig) -> None:
         log(f"[yellow]{cfg.encoder}: random-init encoder (for tests and the demo), not a pretrained one[/]")
     job = encode.EncodeJob(Path(cfg.cache), source, res, cfg.shard_size, cfg.batch_size, cfg.workers, cfg.skip_bad,
                            desc=f"encode-features {cfg.encoder}")
-    name, manifest = encode.setup_array(job, lambda m: array_entry(cfg, enc, m))
-    amp = encode.autocast(cfg.precision)
-
-    def model_fn(x: torch.Tensor) -> torch.Tensor:
-        with amp:
-            return enc(x)  # (B, T, D)
-
-    encode.encode_shards(job, name, manifest, model_fn)
+    # forward: (B, 3, H, W) uint8 -> (B, T, D) float32 patch tokens
+    encode.run_job(job, lambda m: array_entry(cfg, enc, m), enc, cfg.precision)

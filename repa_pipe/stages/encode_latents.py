@@ -72,11 +72,5 @@ def run(cfg: EncodeLatentsConfig) -> None:
         log(f"[yellow]{cfg.vae}: random-init VAE (for tests and the demo), not a pretrained one[/]")
     job = encode.EncodeJob(Path(cfg.cache), source, res, cfg.shard_size, cfg.batch_size, cfg.workers, cfg.skip_bad,
                            desc=f"encode-latents {cfg.vae}")
-    name, manifest = encode.setup_array(job, lambda m: array_entry(cfg, codec, m))
-    amp = encode.autocast(cfg.precision)
-
-    def model_fn(x: torch.Tensor) -> torch.Tensor:
-        with amp:
-            return codec.encode_moments(x)  # (B, 2C, h, w) float32
-
-    encode.encode_shards(job, name, manifest, model_fn)
+    # forward: (B, 3, H, W) uint8 -> (B, 2C, h, w) float32 moments
+    encode.run_job(job, lambda m: array_entry(cfg, codec, m), codec.encode_moments, cfg.precision)
