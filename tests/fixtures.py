@@ -165,3 +165,33 @@ def subprocess_env(tmp: Path, **extra: str) -> dict[str, str]:
     env.pop("HF_HUB_CACHE", None)
     env.update(extra)
     return env
+
+
+def forbid_network(monkeypatch) -> list:
+    """Every hub download function and socket connect records the attempt and raises."""
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.file_download
+
+    attempts: list = []
+
+    def boom(*args, **kwargs):
+        attempts.append((args, kwargs))
+        raise OSError("network access attempted in an offline test")
+
+    mods = [huggingface_hub, huggingface_hub.file_download]
+    try:
+        import diffusers.configuration_utils
+        import diffusers.utils.hub_utils
+        mods += [diffusers.utils.hub_utils, diffusers.configuration_utils]
+    except ImportError:  # pragma: no cover
+        pass
+    for mod in mods:
+        for fn in ("hf_hub_download", "snapshot_download"):
+            if hasattr(mod, fn):
+                monkeypatch.setattr(mod, fn, boom)
+    monkeypatch.setattr(socket.socket, "connect", boom)
+    monkeypatch.setattr(socket, "create_connection", boom)
+    monkeypatch.setattr(socket, "getaddrinfo", boom)
+    return attempts

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures import (RES, SHARD, VENV_BIN, done_marker, imagefolder_index, invoke, make_imagefolder, ok, png_bytes,
+from fixtures import (RES, SHARD, VENV_BIN, done_marker, forbid_network, imagefolder_index, invoke, make_imagefolder, ok, png_bytes,
                       rand_rgb, read_array, ref_adm_crop, strip_times, subprocess_env, tree, tree_stat,
                       write_tar)
 from repa_pipe.cache import layout
@@ -67,34 +66,6 @@ def pixel_expected(img: Image.Image) -> np.ndarray:
     """The pixel codec's moments for one image, computed independently: (crop/127.5 - 1, zeros), (6, R, R)."""
     mean = ref_adm_crop(img, RES).astype(np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1)
     return np.concatenate([mean, np.zeros_like(mean)])
-
-
-def forbid_network(monkeypatch) -> list:
-    """Every hub download function and socket connect records the attempt and raises."""
-    import huggingface_hub
-    import huggingface_hub.file_download
-
-    attempts: list = []
-
-    def boom(*args, **kwargs):
-        attempts.append((args, kwargs))
-        raise OSError("network access attempted in an offline test")
-
-    mods = [huggingface_hub, huggingface_hub.file_download]
-    try:
-        import diffusers.configuration_utils
-        import diffusers.utils.hub_utils
-        mods += [diffusers.utils.hub_utils, diffusers.configuration_utils]
-    except ImportError:  # pragma: no cover
-        pass
-    for mod in mods:
-        for fn in ("hf_hub_download", "snapshot_download"):
-            if hasattr(mod, fn):
-                monkeypatch.setattr(mod, fn, boom)
-    monkeypatch.setattr(socket.socket, "connect", boom)
-    monkeypatch.setattr(socket, "create_connection", boom)
-    monkeypatch.setattr(socket, "getaddrinfo", boom)
-    return attempts
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

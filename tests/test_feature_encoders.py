@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 import time
 
 import pytest
@@ -13,25 +12,10 @@ from timm.layers import resample_abs_pos_embed
 from repa_pipe.models import feature_encoders as FE
 from repa_pipe.models import weights as W
 from repa_pipe.pipeline.errors import BadInputError, ConfigError, MissingWeightsError
+from fixtures import forbid_network
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _no_network(monkeypatch):
-    import huggingface_hub
-    import huggingface_hub.file_download
-
-    def boom(*args, **kwargs):
-        raise AssertionError(f"network/hub access attempted: args={args} kwargs={kwargs}")
-
-    for mod in (huggingface_hub, huggingface_hub.file_download):
-        for fn in ("hf_hub_download", "snapshot_download"):
-            if hasattr(mod, fn):
-                monkeypatch.setattr(mod, fn, boom)
-    monkeypatch.setattr(socket.socket, "connect", boom)
-    monkeypatch.setattr(socket, "create_connection", boom)
-    monkeypatch.setattr(socket, "getaddrinfo", boom)
 
 
 def _small(monkeypatch, name, **model_kwargs):
@@ -100,7 +84,7 @@ def test_tiny_from_file_same_path(tiny, images, tmp_path, monkeypatch):
     real = FE._to_timm_state_dict
     monkeypatch.setattr(FE, "_to_timm_state_dict",
                         lambda spec, raw, model: seen.append(spec.name) or real(spec, raw, model))
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     ref = tiny(images)
     for f in ("tiny.safetensors", "tiny.pth", "tiny_dinov2_format.pth"):
         enc = FE.load_encoder("tiny", weights=str(tmp_path / f))
@@ -227,7 +211,7 @@ def test_dinov2_official_checkpoint_matches_reference(name, depth, dim, heads, r
     sd = _official_dinov2(depth, dim, heads, reg=reg, swiglu=swiglu)
     path = tmp_path / f"{name}_pretrain.pth"
     torch.save(sd, path)
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     enc = FE.load_encoder(name, weights=str(path))
     assert enc.grid == 16 and not enc.is_random_init and enc.num_prefix_tokens == 1 + reg
     x = enc.preprocess(images[:1])
@@ -252,7 +236,7 @@ def test_mocov3_checkpoint_key_mapping(tmp_path, monkeypatch, images):
                            "module.predictor.0.weight": torch.zeros(4096, 256)},
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}
     torch.save(ckpt, tmp_path / "vit-b-300ep.pth.tar")
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     enc = FE.load_encoder("mocov3-b", weights=str(tmp_path / "vit-b-300ep.pth.tar"))
     assert enc.image_size == 256 and enc.grid == 16
     pos = resample_abs_pos_embed(sd["pos_embed"], [16, 16])  # fix_mocov3_state_dict's call
@@ -283,7 +267,7 @@ def test_mae_checkpoint_gives_block_outputs_without_final_norm(tmp_path, monkeyp
     sd = {k: v + 0.01 * torch.randn_like(v) for k, v in src.state_dict().items()}
     ckpt = {"model": {**sd, "mask_token": torch.zeros(1, 1, 512), "decoder_embed.weight": torch.zeros(512, 64)}}
     torch.save(ckpt, tmp_path / "mae_pretrain_vit_large.pth")
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     enc = FE.load_encoder("mae-l", weights=str(tmp_path / "mae_pretrain_vit_large.pth"))
     m = enc.model
     x = enc.preprocess(images[:1])
@@ -301,7 +285,7 @@ def test_ijepa_checkpoint_format(tmp_path, monkeypatch, images):
             "target_encoder": {f"module.{k}": v + 1 for k, v in src.state_dict().items()},
             "predictor": {"module.predictor_embed.weight": torch.zeros(3, 3)}, "epoch": 300}
     torch.save(ckpt, tmp_path / "IN1K-vit.h.14-300e.pth.tar")
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     enc = FE.load_encoder("ijepa-h", weights=str(tmp_path / "IN1K-vit.h.14-300e.pth.tar"))
     torch.testing.assert_close(enc.model.patch_embed.proj.weight, src.patch_embed.proj.weight, rtol=0, atol=0)
     out = enc(images[:1])
@@ -331,7 +315,7 @@ def test_missing_local_file_names_path_and_option(tmp_path):
 
 @pytest.mark.parametrize("name", ["mocov3-b", "mocov3-l", "ijepa-h"])
 def test_encoders_without_hub_copy_need_weights(name, monkeypatch):
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     with pytest.raises(MissingWeightsError, match="--encoder-weights"):
         FE.load_encoder(name)
 
@@ -339,7 +323,7 @@ def test_encoders_without_hub_copy_need_weights(name, monkeypatch):
 def test_offline_hub_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     t0 = time.monotonic()
     with pytest.raises(MissingWeightsError) as err:
         FE.load_encoder("dinov2-b")
@@ -404,7 +388,7 @@ def test_hub_weights_from_local_cache_only(tmp_path, monkeypatch, images):
     import huggingface_hub
 
     real = huggingface_hub.hf_hub_download
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         lambda *a, **k: real(*a, **k) if k.get("local_files_only") else pytest.fail("download"))
     enc = FE.load_encoder("dinov2-s", dtype="bf16")

@@ -10,26 +10,7 @@ import torch
 from repa_pipe.models import latent_codecs as LC
 from repa_pipe.models import weights as W
 from repa_pipe.pipeline.errors import BadInputError, ConfigError, MissingWeightsError
-
-
-def _no_network(monkeypatch):
-    """Any hub download or socket use fails the test."""
-    import diffusers.configuration_utils
-    import diffusers.utils.hub_utils
-    import huggingface_hub
-    import huggingface_hub.file_download
-
-    def boom(*args, **kwargs):
-        raise AssertionError(f"network/hub access attempted: args={args} kwargs={kwargs}")
-
-    for mod in (huggingface_hub, huggingface_hub.file_download, diffusers.utils.hub_utils,
-                diffusers.configuration_utils):
-        for fn in ("hf_hub_download", "snapshot_download"):
-            if hasattr(mod, fn):
-                monkeypatch.setattr(mod, fn, boom)
-    monkeypatch.setattr(socket.socket, "connect", boom)
-    monkeypatch.setattr(socket, "create_connection", boom)
-    monkeypatch.setattr(socket, "getaddrinfo", boom)
+from fixtures import forbid_network
 
 
 @pytest.fixture
@@ -70,7 +51,7 @@ def test_unknown_codec_lists_names():
 
 def test_local_diffusers_folder_matches_in_memory_model(saved_vae, images, monkeypatch):
     vae, folder = saved_vae
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     codec = LC.load_codec("sd-vae-ft-ema", weights=str(folder))
     assert codec.weights_id == str(folder.resolve()) and not codec.is_random_init
     assert (codec.latent_channels, codec.downsample, codec.scaling_factor) == (4, 2, 0.18215)
@@ -98,7 +79,7 @@ def test_pipeline_folder_with_vae_subfolder(saved_vae, tmp_path, monkeypatch):
 
     _, folder = saved_vae
     shutil.copytree(folder, tmp_path / "pipe" / "vae")
-    _no_network(monkeypatch)
+    forbid_network(monkeypatch)
     codec = LC.load_codec("sd-vae-ft-mse", weights=str(tmp_path / "pipe"))
     assert codec.latent_channels == 4
 

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from repa_pipe.models.feature_encoders import ENCODERS, FeatureEncoder, load_encoder
 from repa_pipe.pipeline import dist

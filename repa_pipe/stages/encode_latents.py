@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from repa_pipe.models.latent_codecs import CODEC_NAMES, LatentCodec, load_codec
 from repa_pipe.pipeline import dist
