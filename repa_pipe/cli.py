@@ -244,7 +244,7 @@ def demo(
     vae: str = typer.Option("pixel", "--vae", help="Latent codec for the demo cache (pixel or tiny)."),
     workers: int = typer.Option(0, "--workers", help="Image-decoding loader processes."),
     steps: int = typer.Option(300, "--steps", help="Training steps of the tiny model."),
-    num_samples: int = typer.Option(64, "--num-samples", help="Samples drawn by the final sample-eval."),
+    num_samples: int = typer.Option(32, "--num-samples", help="Samples drawn by the final sample-eval."),
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="InceptionV3 weights "
                                                     "file; with it the demo also computes FID & co."),
 ) -> None:
