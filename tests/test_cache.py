@@ -188,3 +188,14 @@ class TestSampler:
             reader.IndexSampler(idx, 3, seed=0, world_size=2)
         with pytest.raises(ValueError, match="fewer than one global batch"):
             reader.IndexSampler(idx, 8, seed=0)
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    import os
+
+    from repa_pipe.pipeline.fileio import atomic_write_bytes
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_bytes(tmp_path / "out.bin", b"x")
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not list(tmp_path.glob(".*.tmp"))
