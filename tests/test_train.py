@@ -525,3 +525,16 @@ def test_draws_and_rows_of_a_global_batch_position_do_not_depend_on_world_size(s
         assert torch.equal(b.moments, torch.cat([x.moments, y.moments]))
         for k in b.draws:
             assert torch.equal(b.draws[k], torch.cat([x.draws[k], y.draws[k]])), k
+
+
+def test_batch_stream_shortens_the_gil_switch_interval_and_restores_it(sd_cache):
+    import sys
+    spec = train_data.check_cache(sd_cache, ["dinov2-b"], None)
+    before = sys.getswitchinterval()
+    s = train_data.BatchStream(sd_cache, spec, 8, 1, 0, 1, 0.1, 0, 2, threads=1)
+    try:
+        assert sys.getswitchinterval() <= 5e-4
+        next(s)
+    finally:
+        s.close()
+    assert sys.getswitchinterval() == before

@@ -8,6 +8,7 @@ run repeats exactly the draws of an uninterrupted one.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -160,6 +161,10 @@ class BatchStream:
         self.wait_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start_step, end_step), daemon=True)
+        # The loader thread re-takes the GIL around each of ~2 preads per row; with Python's default 5 ms switch
+        # interval a busy training thread can hold it that long each time (bench/loader.py: 19% wait -> 0.3%).
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, 5e-4))
         self._thread.start()
 
     def _make(self, step: int) -> Batch:
@@ -205,6 +210,7 @@ class BatchStream:
         self._stop.set()
         self._thread.join(timeout=5)
         self.reader.close()
+        sys.setswitchinterval(self._switch)
 
     def describe(self) -> dict[str, Any]:
         return {"valid_samples": int(len(self.sampler.indices)), "batches_per_epoch": self.sampler.batches_per_epoch}
