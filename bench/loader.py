@@ -98,17 +98,6 @@ def simulate(root: Path, spec, global_batch: int, rank: int, world: int, step_s:
             "rate": steps * global_batch // world / (t1 - t0)}
 
 
-def drop_caches() -> str:
-    import os
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        return ""
-
-
 def demo_cache(out: Path) -> Path:
     """The demo's cache, made exactly as `stages.demo.run` makes it (digits ImageFolder at 32 px, `pixel` latents,
     `tiny` features); encode stages skip shards already done, so a second call costs nothing."""
@@ -182,7 +171,7 @@ def main() -> None:
               + ", ".join(f"{r['steady'] * 100:.1f}%" for r in reps), flush=True)
     cold_res, cold_method = None, ""
     if not args.quick:
-        cold_method = drop_caches()
+        cold_method = C.drop_caches()
         if cold_method:
             g, rate = 256, 2 * b_rate
             steps = n // g - 1  # one epoch: every row read once, from disk

@@ -70,10 +70,14 @@ class ArrayReader:
             if n != self.row_bytes:
                 raise CacheMismatchError(f"{self.name}: short read of row {r} in shard {k}")
 
-    def gather(self, indices: np.ndarray) -> np.ndarray:
-        """Rows `indices` (any order, repeats allowed) -> array (len(indices), *shape[1:])."""
+    def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `indices` (any order, repeats allowed) -> array (len(indices), *shape[1:]).
+
+        `out`, a buffer of that shape and dtype the caller reuses, saves page-faulting a fresh allocation per
+        batch (1.4x warm, docs/benchmarks.md)."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
+        if out is None:
+            out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
         order = np.argsort(indices, kind="stable")  # sorted reads: sequential within a shard
         shards = indices[order] // self.shard_size
         cuts = np.flatnonzero(np.diff(shards)) + 1

@@ -110,9 +110,10 @@ def encode_shards(job: EncodeJob, name: str, manifest: dict[str, Any], model_fn:
     """Fill every pending shard this rank owns; then rank 0 finalizes. Errors on any rank stop all ranks,
     after every rank has kept the shards it finished."""
     w = writer.ShardWriter(job.cache, manifest, name)
-    mine = w.pending(layout.owned_shards(w.num_shards, dist.get_rank(), dist.get_world_size()))
+    todo = set(w.pending(range(w.num_shards)))  # reads every done marker once
+    mine = [k for k in layout.owned_shards(w.num_shards, dist.get_rank(), dist.get_world_size()) if k in todo]
     n_total = w.num_shards
-    log(f"{job.desc}: {n_total - len(w.pending(range(n_total)))}/{n_total} shards already done; "
+    log(f"{job.desc}: {n_total - len(todo)}/{n_total} shards already done; "
         f"{dist.get_world_size()} process(es)")
     err: RepaError | None = None
     try:

@@ -159,10 +159,9 @@ def run_sampling(cfg: SampleEvalConfig, s: Sampler, key: Optional[dict[str, Any]
     if key is not None:
         check_resume(out, key)
     n_shards = (cfg.num_samples + cfg.shard_size - 1) // cfg.shard_size
-    mine = [k for k in range(dist.get_rank(), n_shards, dist.get_world_size())
-            if not sample_io.shard_path(out, k).is_file()]
-    done = n_shards - len([k for k in range(n_shards) if not sample_io.shard_path(out, k).is_file()])
-    log(f"sample-eval: {done}/{n_shards} shards already done; {dist.get_world_size()} process(es)")
+    todo = {k for k in range(n_shards) if not sample_io.shard_path(out, k).is_file()}
+    mine = [k for k in range(dist.get_rank(), n_shards, dist.get_world_size()) if k in todo]
+    log(f"sample-eval: {n_shards - len(todo)}/{n_shards} shards already done; {dist.get_world_size()} process(es)")
     todo = sum(min(cfg.shard_size, cfg.num_samples - k * cfg.shard_size) for k in mine)
     with Tracker("sample", todo) as bar:
         for k in mine:
