@@ -1,6 +1,14 @@
-"""`cache info` and `cache verify`: what a cache holds, and whether every shard is done and intact."""
+"""`cache info` and `cache verify`: what a cache holds, and whether it is exactly what was written.
+
+verify checks everything the manifest claims, one line per problem: the index files against their recorded
+hashes, each array's on-disk metadata (shape, dtype, shard layout, row codec) against its spec, every done
+marker readable, every done shard's file present at its recorded size, every valid row's crc32c (naming the
+rows that differ), and no NaN or Inf in a valid row. `repair` then removes the done markers of the damaged
+shards, so running the array's encode command again rewrites exactly those.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,84 +19,36 @@ from rich.table import Table
 
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
-from repa_pipe.cache.reader import ArrayReader, valid_mask
-from repa_pipe.cache.writer import file_crc32, read_markers
+from repa_pipe.cache.lock import cache_lock
+from repa_pipe.cache.manifest import Manifest, read_manifest, write_manifest
+from repa_pipe.cache.reader import ArrayReader, disk_problems
+from repa_pipe.cache.writer import read_markers
+from repa_pipe.pipeline.errors import CorruptDataError
+from repa_pipe.pipeline.hashing import hash_lines, sha256_int64
+
+_VERIFY_ROWS = 256  # rows read per gather while verifying
+_EXAMPLES = 5
 
 
-def array_summary(root: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
-    entry = manifest["arrays"][name]
-    markers = read_markers(root, name, manifest["num_shards"])
-    done = sum(m.get("config_hash") == entry["config_hash"] for m in markers.values())
-    nbytes = int(np.prod(entry["shape"])) * np.dtype(entry["dtype"]).itemsize
-    return {"name": name, "shape": entry["shape"], "dtype": entry["dtype"], "bytes": nbytes,
-            "shards_done": done, "num_shards": manifest["num_shards"], "status": entry["status"],
-            "bad": len(entry.get("bad", [])), "model": entry["model"], "extra": entry.get("extra", {})}
+# --------------------------------------------------------------------------------------------- info
+def array_summary(root: Path, m: Manifest, name: str) -> dict[str, Any]:
+    entry = m.array(name)
+    markers, _ = read_markers(root, name, m.num_shards)
+    done = sum(mk.get("spec_hash") == entry.spec.spec_hash for mk in markers.values())
+    spec = entry.spec
+    return {"name": name, "shape": list(spec.shape), "dtype": spec.dtype, "bytes": spec.row_bytes * m.n,
+            "shards_done": done, "num_shards": m.num_shards, "status": entry.status, "bad": len(entry.bad),
+            "model": dataclasses.asdict(spec.model), "precision": spec.precision}
 
 
 def info(root: str | Path) -> dict[str, Any]:
     """Everything `repa-pipe cache info` shows, as a dict."""
     root = Path(root)
-    m = layout.load_manifest(root)
-    return {"root": str(root), "dataset": m["dataset"], "preprocessing": m["preprocessing"],
-            "shard_size": m["shard_size"], "num_shards": m["num_shards"], "created_utc": m["created_utc"],
-            "tool": m["tool"], "arrays": [array_summary(root, m, n) for n in m["arrays"]]}
-
-
-@dataclass
-class VerifyReport:
-    checked: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def _verify_array(root: Path, m: dict[str, Any], name: str, report: VerifyReport) -> None:
-    entry = m["arrays"][name]
-    paths = CachePaths(root)
-    markers = read_markers(root, name, m["num_shards"])
-    valid = valid_mask(m, [name])
-    reader = ArrayReader(root, m, name, threads=1)
-    try:
-        for k in range(m["num_shards"]):
-            mk = markers.get(k)
-            if mk is None or mk.get("config_hash") != entry["config_hash"]:
-                report.problems.append(f"{name}: shard {k} not done")
-                continue
-            path = paths.shard_file(name, k, len(entry["shape"]))
-            if not path.is_file():
-                report.problems.append(f"{name}: shard {k} marked done but {path} is missing")
-                continue
-            if path.stat().st_size != mk["bytes"] or file_crc32(path) != mk["crc32"]:
-                report.problems.append(f"{name}: shard {k} changed since it was written ({path})")
-                continue
-            start, stop = layout.shard_range(k, m["dataset"]["N"], m["shard_size"])
-            rows = np.arange(start, stop)[valid[start:stop]]
-            try:
-                data = reader.gather(rows)
-            except Exception as e:  # a corrupt index is reported, not raised: verify lists every problem
-                report.problems.append(f"{name}: shard {k}: {e}")
-                continue
-            nan_rows = rows[np.isnan(data.reshape(len(rows), -1)).any(axis=1)]
-            if len(nan_rows):
-                report.problems.append(f"{name}: shard {k}: NaN in valid rows {nan_rows[:5].tolist()}")
-    finally:
-        reader.close()
-    report.checked.append(name)
-
-
-def verify(root: str | Path) -> VerifyReport:
-    """Check every array: each shard done, file unchanged since its marker, valid rows free of NaN."""
-    root = Path(root)
-    m = layout.load_manifest(root)
-    report = VerifyReport()
-    labels = layout.read_labels(root)
-    if len(labels) != m["dataset"]["N"] or len(layout.read_keys(root)) != m["dataset"]["N"]:
-        report.problems.append("index/: keys or labels do not have N rows")
-    for name in m["arrays"]:
-        _verify_array(root, m, name, report)
-    return report
+    m = read_manifest(root)
+    return {"root": str(root), "dataset": dataclasses.asdict(m.dataset), "resolution": m.resolution,
+            "crop": m.crop, "shard_size": m.shard_size, "num_shards": m.num_shards, "created_utc": m.created_utc,
+            "tool": m.tool, "schema_version": m.schema_version,
+            "arrays": [array_summary(root, m, n) for n in m.arrays]}
 
 
 def _human(n: float) -> str:
@@ -102,14 +62,16 @@ def _human(n: float) -> str:
 def render_info(info_: dict[str, Any], out: Console) -> None:
     """`cache info` as a header and one table row per array; random-init models are marked."""
     ds = info_["dataset"]
-    out.print(f"[bold]{info_['root']}[/]  ({info_['tool']}, created {info_['created_utc']})", highlight=False)
-    out.print(f"source: {ds['kind']} {ds['root']}  N={ds['N']}  classes={ds.get('num_classes')}  "
+    out.print(f"[bold]{info_['root']}[/]  ({info_['tool']}, schema {info_['schema_version']}, created "
+              f"{info_['created_utc']})", highlight=False)
+    out.print(f"source: {ds['kind']} {ds['root']}  N={ds['n']}  classes={ds['num_classes']}  "
               f"file-list sha256 {ds['file_list_sha256'][:12]}", highlight=False)
-    pp = info_["preprocessing"]
-    out.print(f"preprocessing: {pp['crop']} {pp['resolution']}px;  {info_['num_shards']} shards x "
+    for note in ds["notes"]:
+        out.print(f"  note: {note}", highlight=False)
+    out.print(f"preprocessing: {info_['crop']} {info_['resolution']}px;  {info_['num_shards']} shards x "
               f"{info_['shard_size']} samples", highlight=False)
-    # Short columns only, folded rather than elided when narrow (rich's default squeezed an 80-column table into
-    # "feature…" / "random…"); the long model provenance goes on its own unwrapped line per array.
+    # Short columns only, folded rather than elided when narrow; the long model provenance goes on its own
+    # unwrapped line per array.
     table = Table()
     for column in ("array", "shape", "dtype", "bytes", "shards done", "status", "bad"):
         table.add_column(column, overflow="fold")
@@ -120,6 +82,131 @@ def render_info(info_: dict[str, Any], out: Console) -> None:
     (out if out.is_terminal else Console(file=out.file, width=max(out.width, 200))).print(table)
     for a in info_["arrays"]:
         model = a["model"]
-        mark = " [yellow](random init)[/]" if model.get("random_init") else ""
-        out.print(f"{a['name']}: model {model.get('id')}{mark}, weights hash {model.get('weights_hash')}",
-                  highlight=False, soft_wrap=True)
+        mark = " [yellow](random init)[/]" if model["random_init"] else ""
+        out.print(f"{a['name']}: model {model['weights_id']}{mark}, weights hash {model['weights_hash']}, "
+                  f"computed in {a['precision']}", highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------- verify
+@dataclass
+class VerifyReport:
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    damaged: dict[str, set[int]] = field(default_factory=dict)  # array -> shards to rewrite
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def shard_problem(self, name: str, k: int, line: str) -> None:
+        self.problems.append(line)
+        self.damaged.setdefault(name, set()).add(k)
+
+
+def _check_index(root: Path, m: Manifest, report: VerifyReport) -> None:
+    paths = CachePaths(root)
+    try:
+        keys = layout.read_keys(root)
+        if len(keys) != m.n or hash_lines(keys) != m.dataset.file_list_sha256:
+            report.problems.append(f"index: {paths.keys} differs from what was written ({len(keys)} keys, "
+                                   f"N={m.n}; or its sha256)")
+    except (OSError, UnicodeDecodeError) as e:
+        report.problems.append(f"index: {paths.keys} unreadable ({e})")
+    try:
+        labels = layout.read_labels(root)
+        if len(labels) != m.n or sha256_int64(labels) != m.dataset.labels_sha256:
+            report.problems.append(f"index: {paths.labels} differs from what was written ({len(labels)} labels, "
+                                   f"N={m.n}; or its sha256)")
+    except (OSError, ValueError) as e:
+        report.problems.append(f"index: {paths.labels} unreadable ({e})")
+
+
+def _bad_rows(reader: ArrayReader, rows: np.ndarray) -> list[int]:
+    """Rows of `rows` whose checksum fails, read one at a time (only after a batch read failed)."""
+    out = []
+    for r in rows:
+        try:
+            reader.gather(np.array([r]))
+        except CorruptDataError:
+            out.append(int(r))
+    return out
+
+
+def _check_shard(reader: ArrayReader, name: str, k: int, rows: np.ndarray, report: VerifyReport) -> None:
+    """Every valid row of shard k: its crc32c, then NaN / Inf."""
+    for lo in range(0, len(rows), _VERIFY_ROWS):
+        chunk = rows[lo:lo + _VERIFY_ROWS]
+        try:
+            data = reader.gather(chunk)
+        except CorruptDataError as e:
+            bad = _bad_rows(reader, rows[lo:])
+            if not bad:  # not a row problem: the index or the file itself
+                report.shard_problem(name, k, f"{name}: shard {k}: {e}")
+                return
+            report.shard_problem(name, k, f"{name}: shard {k}: checksum mismatch in {len(bad)} row(s) "
+                                          f"{bad[:_EXAMPLES]} ({reader.shard_path(k)})")
+            return
+        finite = np.isfinite(data.reshape(len(chunk), -1).astype(np.float32, copy=False)).all(axis=1)
+        if not finite.all():
+            report.shard_problem(name, k, f"{name}: shard {k}: NaN or Inf in valid row(s) "
+                                          f"{chunk[~finite][:_EXAMPLES].tolist()}")
+            return
+
+
+def _verify_array(root: Path, m: Manifest, name: str, report: VerifyReport) -> None:
+    entry = m.array(name)
+    markers, unreadable = read_markers(root, name, m.num_shards)
+    for k, line in unreadable:
+        report.shard_problem(name, k, line)
+    markers = {k: mk for k, mk in markers.items() if mk.get("spec_hash") == entry.spec.spec_hash}
+    not_done = [k for k in range(m.num_shards) if k not in markers and k not in report.damaged.get(name, ())]
+    if not_done:
+        report.problems.append(f"{name}: {len(not_done)} of {m.num_shards} shard(s) not done (e.g. "
+                               f"{not_done[:_EXAMPLES]}); run its encode command to finish them")
+    for k, line in disk_problems(root, m, name, markers):
+        if k is None:  # array-level metadata: no row can be trusted
+            report.problems.append(line)
+            report.checked.append(name)
+            return
+        report.shard_problem(name, k, line)
+    valid = m.valid_mask([name])
+    reader = ArrayReader(root, m, name, threads=4)
+    try:
+        for k in sorted(markers):
+            if k in report.damaged.get(name, ()):
+                continue
+            start, stop = m.shard_range(k)
+            rows = np.arange(start, stop)[valid[start:stop]]  # a shard with no valid rows is fine
+            if len(rows):
+                _check_shard(reader, name, k, rows, report)
+    finally:
+        reader.close()
+    report.checked.append(name)
+
+
+def verify(root: str | Path) -> VerifyReport:
+    """Check the index and every array (see the module docstring)."""
+    root = Path(root)
+    m = read_manifest(root)
+    report = VerifyReport()
+    _check_index(root, m, report)
+    for name in m.arrays:
+        _verify_array(root, m, name, report)
+    return report
+
+
+def repair(root: str | Path, report: VerifyReport) -> dict[str, list[int]]:
+    """Remove the done markers of damaged shards and mark their arrays in progress, so the encode command
+    rewrites them. Returns {array: shards}."""
+    root = Path(root)
+    paths = CachePaths(root)
+    with cache_lock(root):
+        m = read_manifest(root)
+        for name, shards in report.damaged.items():
+            for k in shards:
+                paths.done_marker(name, k).unlink(missing_ok=True)
+            entry = m.array(name)
+            m = m.with_array(dataclasses.replace(entry, status="in_progress", completed_utc=None,
+                                                 shards_done=max(0, entry.shards_done - len(shards))))
+        write_manifest(root, m)
+    return {name: sorted(s) for name, s in report.damaged.items()}

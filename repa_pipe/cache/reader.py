@@ -1,74 +1,105 @@
-"""Reading random batches from the cache: the training hot path.
+"""Reading random batches from the cache: the training hot path, checked byte for byte.
 
 zarr-python 3.1's `oindex` on sharded arrays reads ~100 samples/s (reference/storage.md section 4). Our arrays
-are uncompressed with one sample per inner chunk, so each row is a contiguous byte range of its shard file,
-located by the shard index at the file's end. `ArrayReader` parses each shard index once, checks its crc32c
-and then gathers rows with `os.pread` from a thread pool (pread releases the GIL).
+store one row per inner chunk, raw bytes followed by their crc32c, so each row is a contiguous byte range of
+its shard file, located by the shard index at the file's end. `ArrayReader` parses each shard index once
+(checking the index's own crc32c), then gathers rows with `os.preadv` from a thread pool and checks every
+row's crc32c (both release the GIL): training never uses bytes that differ from what was written.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import google_crc32c
+from typing import Optional
+import crc32c
 import numpy as np
 
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
-from repa_pipe.pipeline.errors import CacheMismatchError
+from repa_pipe.cache.manifest import Manifest, read_manifest
+from repa_pipe.cache.writer import read_markers
+from repa_pipe.pipeline.errors import CacheMismatchError, CorruptDataError
+from repa_pipe.pipeline.hashing import sha256_int64
+from repa_pipe.pipeline.seeding import order_rng
 
 _EMPTY = np.uint64(2**64 - 1)  # zarr's marker for an absent inner chunk
+_CRC = 4  # bytes of the crc32c after each row
+_CHUNK_ROWS = 16  # rows per pool task
 
 
 class ArrayReader:
-    """pread-based row gather for one uncompressed, sharded Zarr v3 array of the cache."""
+    """pread-based, checksummed row gather for one array of the cache."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], name: str, threads: int = 8):
-        entry = manifest["arrays"].get(name)
-        if entry is None:
-            raise CacheMismatchError(f"{root}: no array {name} (have: {', '.join(manifest['arrays']) or 'none'})")
+    def __init__(self, root: Path, manifest: Manifest, name: str, threads: int = 8):
+        spec = manifest.array(name).spec
         self.root, self.name = Path(root), name
         self.paths = CachePaths(self.root)
-        self.shape = tuple(entry["shape"])
-        self.dtype = np.dtype(entry["dtype"])
-        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        self.shard_size = int(manifest["shard_size"])
+        self.shape = tuple(spec.shape)
+        self.dtype = np.dtype(spec.dtype)
+        self.row_bytes = spec.row_bytes
+        self.shard_size = manifest.shard_size
         self._fds: dict[int, int] = {}
         self._offsets: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+
+    def shard_path(self, k: int) -> Path:
+        return self.paths.shard_file(self.name, k, len(self.shape))
 
     def _open(self, k: int) -> tuple[int, np.ndarray]:
         with self._lock:
             if k in self._fds:
                 return self._fds[k], self._offsets[k]
-            path = self.paths.shard_file(self.name, k, len(self.shape))
-            fd = os.open(path, os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            idx_bytes = self.shard_size * 16
-            raw = os.pread(fd, idx_bytes + 4, size - idx_bytes - 4)
-            if google_crc32c.value(raw[:idx_bytes]) != int.from_bytes(raw[idx_bytes:], "little"):
-                os.close(fd)
-                raise CacheMismatchError(f"{path}: shard index checksum mismatch (corrupt shard; re-run the encode)")
-            index = np.frombuffer(raw[:idx_bytes], dtype="<u8").reshape(self.shard_size, 2)
+            path = self.shard_path(k)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CorruptDataError(f"{self.root}: shard {k} of {self.name} cannot be opened ({path}: "
+                                       f"{e.strerror}); run `repa-pipe cache verify {self.root}`") from None
+            index = self._read_index(fd, k, path)
             self._fds[k], self._offsets[k] = fd, index[:, 0].copy()
             return fd, self._offsets[k]
 
+    def _read_index(self, fd: int, k: int, path: Path) -> np.ndarray:
+        """The shard index ((shard_size, 2) offsets and sizes), its own crc32c checked."""
+        idx_bytes = self.shard_size * 16
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, idx_bytes + _CRC, max(0, size - idx_bytes - _CRC))
+        if len(raw) != idx_bytes + _CRC or crc32c.crc32c(raw[:idx_bytes]) != int.from_bytes(raw[idx_bytes:], "little"):
+            os.close(fd)
+            raise CorruptDataError(f"{self.root}: shard {k} of {self.name}: index checksum mismatch ({path}); "
+                                   f"run `repa-pipe cache verify {self.root}`")
+        index = np.frombuffer(raw[:idx_bytes], dtype="<u8").reshape(self.shard_size, 2)
+        sizes = index[:, 1][index[:, 0] != _EMPTY]
+        if (sizes != self.row_bytes + _CRC).any():
+            os.close(fd)
+            raise CorruptDataError(f"{self.root}: shard {k} of {self.name} holds rows of {int(sizes.max())} bytes, "
+                                   f"the manifest says {self.row_bytes} + {_CRC} ({path})")
+        return index
+
     def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
-        """Read global rows `rows` (all in one shard) into out[pos]."""
+        """Read global rows `rows` (all in one shard) into out[pos], checking each row's crc32c."""
         k = int(rows[0]) // self.shard_size
         fd, offsets = self._open(k)
         flat = out.reshape(out.shape[0], -1).view(np.uint8)
-        for r, p in zip(rows, pos):
+        crcs = np.empty(len(rows), dtype="<u4")
+        crc_bytes = crcs.view(np.uint8)
+        for j, (r, p) in enumerate(zip(rows, pos)):
             off = offsets[int(r) - k * self.shard_size]
             if off == _EMPTY:
-                raise CacheMismatchError(f"{self.name}: row {r} was never written")
-            n = os.preadv(fd, [memoryview(flat[p])], int(off))
-            if n != self.row_bytes:
-                raise CacheMismatchError(f"{self.name}: short read of row {r} in shard {k}")
+                raise CorruptDataError(f"{self.root}: row {r} of {self.name} (shard {k}) was never written")
+            n = os.preadv(fd, [flat[p], crc_bytes[j * _CRC:(j + 1) * _CRC]], int(off))
+            if n != self.row_bytes + _CRC:
+                raise CorruptDataError(f"{self.root}: short read of row {r} of {self.name} in shard {k} "
+                                       f"({self.shard_path(k)})")
+            if crc32c.crc32c(flat[p]) != crcs[j]:
+                raise CorruptDataError(
+                    f"{self.root}: {self.name} shard {k} row {r}: checksum mismatch, the bytes on disk differ from "
+                    f"what was written ({self.shard_path(k)}); run `repa-pipe cache verify {self.root}`")
 
     def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows `indices` (any order, repeats allowed) -> array (len(indices), *shape[1:]).
@@ -83,7 +114,8 @@ class ArrayReader:
         cuts = np.flatnonzero(np.diff(shards)) + 1
         groups = [(indices[g], g) for g in np.split(order, cuts)] if len(indices) else []
         # Split big groups so the pool has work even when a batch falls in one shard.
-        chunks = [(r[i:i + 16], p[i:i + 16]) for r, p in groups for i in range(0, len(r), 16)]
+        chunks = [(r[i:i + _CHUNK_ROWS], p[i:i + _CHUNK_ROWS]) for r, p in groups
+                  for i in range(0, len(r), _CHUNK_ROWS)]
         if self._pool is None or len(chunks) == 1:
             for r, p in chunks:
                 self._read_rows(r, out, p)
@@ -101,24 +133,66 @@ class ArrayReader:
 
     def __getstate__(self) -> dict:  # picklable for DataLoader workers: reopen lazily in the child
         state = dict(self.__dict__)
-        state.update(_fds={}, _offsets={}, _lock=None, _pool=None, _threads=self._pool._max_workers if self._pool else 1)
+        state.update(_fds={}, _offsets={}, _lock=None, _pool=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        threads = state.pop("_threads")
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        self._pool = ThreadPoolExecutor(max_workers=self._threads) if self._threads > 1 else None
 
 
-def valid_mask(manifest: dict[str, Any], names: list[str]) -> np.ndarray:
-    """(N,) bool: False for rows recorded bad (skipped) in any of `names`."""
-    n = int(manifest["dataset"]["N"])
-    mask = np.ones(n, dtype=bool)
+def disk_problems(root: Path, manifest: Manifest, name: str,
+                  markers: dict[int, dict]) -> list[tuple[Optional[int], str]]:
+    """What a stat and the array's zarr.json can tell: metadata equal to the manifest's spec, and every done
+    shard's file present with the size its marker recorded. One (shard or None for the array, line) each."""
+    spec = manifest.array(name).spec
+    paths = CachePaths(Path(root))
+    meta_path = paths.array_dir(name) / "zarr.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        shard = meta["codecs"][0]["configuration"]
+        on_disk = (tuple(meta["shape"]), meta["data_type"], tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+                   tuple(shard["chunk_shape"]), [c["name"] for c in shard["codecs"]])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        return [(None, f"{name}: unreadable array metadata {meta_path} ({type(e).__name__}: {e})")]
+    want = (spec.shape, spec.dtype, (manifest.shard_size, *spec.row_shape), (1, *spec.row_shape),
+            ["bytes", "crc32c"])
+    labels = ("shape", "dtype", "shard shape", "row chunk", "row codecs")
+    out: list[tuple[Optional[int], str]] = [
+        (None, f"{name}: {what} on disk {d!r} but the manifest says {w!r} ({meta_path})")
+        for what, d, w in zip(labels, on_disk, want) if d != w]
+    for k, mk in sorted(markers.items()):
+        path = paths.shard_file(name, k, len(spec.shape))
+        if not path.is_file():
+            out.append((k, f"{name}: shard {k} is marked done but its file is missing ({path})"))
+        elif path.stat().st_size != mk.get("bytes"):
+            out.append((k, f"{name}: shard {k} has {path.stat().st_size} bytes, {mk.get('bytes')} were written "
+                           f"({path})"))
+    return out
+
+
+def check_ready(root: Path, manifest: Manifest, names: list[str]) -> None:
+    """Before training reads `names`: the first disk problem (see `disk_problems`) as a CorruptDataError."""
     for name in names:
-        for b in manifest["arrays"][name].get("bad", []):
-            mask[b["index"]] = False
-    return mask
+        markers, unreadable = read_markers(root, name, manifest.num_shards)
+        problems = [line for _, line in unreadable + disk_problems(root, manifest, name, markers)]
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise CorruptDataError(f"{root}: {problems[0]}{more}; run `repa-pipe cache verify {root}`")
+
+
+def check_labels(root: Path, manifest: Manifest) -> np.ndarray:
+    """index/labels.npy, checked against the hash the manifest recorded; returns the labels."""
+    try:
+        labels = layout.read_labels(root)
+    except (OSError, ValueError) as e:
+        raise CorruptDataError(f"{root}: index/labels.npy is unreadable ({e}); run `repa-pipe cache verify {root}`") \
+            from None
+    if len(labels) != manifest.n or sha256_int64(labels) != manifest.dataset.labels_sha256:
+        raise CorruptDataError(f"{root}: index/labels.npy differs from what was written (sha256 or length); "
+                               f"run `repa-pipe cache verify {root}`")
+    return labels
 
 
 class CacheReader:
@@ -126,15 +200,15 @@ class CacheReader:
 
     def __init__(self, root: str | os.PathLike, names: list[str], threads: int = 8):
         self.root = Path(root)
-        self.manifest = layout.load_manifest(self.root)
+        self.manifest = read_manifest(self.root)
         self.names = list(names)
         self.arrays = {n: ArrayReader(self.root, self.manifest, n, threads) for n in self.names}
-        self.labels = layout.read_labels(self.root)
-        self.valid = valid_mask(self.manifest, self.names)
+        self.labels = check_labels(self.root, self.manifest)
+        self.valid = self.manifest.valid_mask(self.names)
 
     @property
     def n(self) -> int:
-        return int(self.manifest["dataset"]["N"])
+        return self.manifest.n
 
     def valid_indices(self) -> np.ndarray:
         return np.flatnonzero(self.valid)
@@ -174,7 +248,7 @@ class IndexSampler:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = order_rng(self.seed, epoch)
             self._epoch, self._perm = epoch, self.indices[rng.permutation(len(self.indices))]
         return self._perm
 
@@ -187,6 +261,3 @@ class IndexSampler:
         """This rank's rows of global batch `step`."""
         lo = self.rank * self.per_rank
         return self.global_batch_at(step)[lo:lo + self.per_rank]
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.batches_per_epoch

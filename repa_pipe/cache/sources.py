@@ -1,12 +1,11 @@
 """Image sources for the encoders: ImageFolder / WebDataset listing, decoding, the ADM center crop, a DataLoader
-dataset, and the built-in digits demo dataset.
+dataset.
 
 The pieces live in sources_base.py (ImageSource, decoding rules), sources_folder.py, sources_webdataset.py; import
 everything from here. This module never imports repa_pipe.models.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,11 @@ from repa_pipe.cache.sources_base import IMAGE_EXTENSIONS, BadImageError, ImageS
 from repa_pipe.cache.sources_folder import ImageFolderSource
 from repa_pipe.cache.sources_webdataset import WebDatasetSource
 from repa_pipe.pipeline.errors import BadInputError
-from repa_pipe.pipeline.fileio import atomic_write_json
 
 __all__ = [
     "IMAGE_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolderSource", "WebDatasetSource", "open_source", "decode_image",
     "to_rgb", "adm_center_crop", "load_preprocessed", "MAX_ASPECT_RATIO", "PreprocessedImages", "PreprocessedBatch",
-    "collate_preprocessed", "write_digits_imagefolder",
+    "collate_preprocessed",
 ]
 
 # load_preprocessed refuses images longer than this many times their short side: the ADM crop would first resize the
@@ -32,7 +30,7 @@ __all__ = [
 MAX_ASPECT_RATIO = 200
 
 
-def open_source(spec: str | os.PathLike) -> ImageSource:
+def open_source(spec: str | os.PathLike, num_classes: int | None = None) -> ImageSource:
     """Open an image source from what the user typed.
 
     - a brace pattern ("data/shard-{000000..000009}.tar"), a single .tar file, or a folder holding .tar files
@@ -42,7 +40,7 @@ def open_source(spec: str | os.PathLike) -> ImageSource:
     """
     spec = os.fspath(spec)
     if "{" in spec:
-        return WebDatasetSource(spec)
+        return WebDatasetSource(spec, num_classes)
     p = Path(spec).expanduser()
     if not p.exists():
         raise BadInputError(f"{spec}: no such file or directory")
@@ -50,15 +48,15 @@ def open_source(spec: str | os.PathLike) -> ImageSource:
         if p.suffix.lower() != ".tar":
             raise BadInputError(f"{spec}: not a folder or a .tar shard (expected an ImageFolder ROOT/<class>/<image>, "
                                 f"a folder of .tar shards, a .tar file or a brace pattern)")
-        return WebDatasetSource(spec)
+        return WebDatasetSource(spec, num_classes)
     entries = [e for e in p.iterdir() if not e.name.startswith(".")]
     has_tars = any(e.suffix.lower() == ".tar" and e.is_file() for e in entries)
     if has_tars:
         if any(e.is_dir() for e in entries):
             raise BadInputError(f"{spec}: holds both .tar files and folders; point at the shards (a pattern or a "
                                 f"folder of only .tar files) or at an ImageFolder")
-        return WebDatasetSource(spec)
-    return ImageFolderSource(spec)
+        return WebDatasetSource(spec, num_classes)
+    return ImageFolderSource(spec, num_classes)
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -83,10 +81,10 @@ def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def load_preprocessed(source: ImageSource, i: int, resolution: int) -> np.ndarray:
+def load_preprocessed(source: ImageSource, i: int, resolution: int, max_pixels: int | None = None) -> np.ndarray:
     """Sample i decoded, RGB, ADM-cropped: uint8 (resolution, resolution, 3). Raises BadInputError for a bad image
-    (including an aspect ratio above MAX_ASPECT_RATIO)."""
-    img = source.read(i)
+    (including one over the pixel budget `max_pixels`, or with an aspect ratio above MAX_ASPECT_RATIO)."""
+    img = source.read(i, max_pixels)
     w, h = img.size
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise BadImageError(source.where(i), f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT_RATIO}:1)")
@@ -99,17 +97,17 @@ class PreprocessedImages:
     index = indices[j] (the source index; indices=None means all samples, so j == index), image = uint8 (R, R, 3) or
     None, reason = the short reason (e.g. "truncated image data (...)") or None; the path is source.where(index).
     Bad images never raise inside a worker (an exception there would lose which image it was); they come back with
-    their reason whatever skip_bad says. The caller stops with the path when skip_bad is off (`check` does that for a
-    PreprocessedBatch) and records them as invalid otherwise. Batch with `collate_fn=collate_preprocessed` (the
-    default collate cannot handle None). Plain class, no torch import: a DataLoader only needs __len__/__getitem__.
+    their reason, and the caller stops with the path or records them as invalid (--skip-bad). Batch with
+    `collate_fn=collate_preprocessed` (the default collate cannot handle None). Plain class, no torch import: a
+    DataLoader only needs __len__/__getitem__.
     """
 
     def __init__(self, source: ImageSource, indices: Sequence[int] | None, resolution: int,
-                 skip_bad: bool = False) -> None:
+                 max_pixels: int | None = None) -> None:
         self.source = source
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         self.resolution = int(resolution)
-        self.skip_bad = bool(skip_bad)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.source) if self.indices is None else len(self.indices)
@@ -117,17 +115,9 @@ class PreprocessedImages:
     def __getitem__(self, j: int) -> tuple[int, np.ndarray | None, str | None]:
         i = int(j) if self.indices is None else int(self.indices[j])
         try:
-            return i, load_preprocessed(self.source, i, self.resolution), None
+            return i, load_preprocessed(self.source, i, self.resolution, self.max_pixels), None
         except BadImageError as e:
             return i, None, e.reason
-
-    def check(self, batch: "PreprocessedBatch") -> "PreprocessedBatch":
-        """Raise BadInputError("<path>: <reason>") for the first bad image unless skip_bad; return the batch."""
-        bad = [(int(i), r) for i, r in zip(batch.indices, batch.reasons) if r is not None]
-        if bad and not self.skip_bad:
-            more = f" (and {len(bad) - 1} more bad image(s) in this batch)" if len(bad) > 1 else ""
-            raise BadImageError(self.source.where(bad[0][0]), bad[0][1] + more)
-        return batch
 
 
 @dataclass
@@ -155,43 +145,3 @@ def collate_preprocessed(items: Sequence[tuple[int, np.ndarray | None, str | Non
         valid=np.asarray([a is not None for _, a, _ in items], dtype=bool),
         reasons=[r for _, _, r in items],
     )
-
-
-_DIGITS_MARKER = ".repa_digits.json"  # hidden, so the ImageFolder listing skips it
-
-
-def write_digits_imagefolder(out_dir: str | os.PathLike, size: int = 32) -> Path:
-    """Write scikit-learn's bundled digits (1,797 real 8x8 scans, 10 classes, no download) as a PNG ImageFolder.
-
-    out_dir/<class>/<idx:04d>.png with classes "0".."9" (sorted name order = label order), idx = row in
-    sklearn.datasets.load_digits(). Pixels: the 0..16 values scaled to 0..255 and rounded, upscaled to size x size
-    with BICUBIC, saved as RGB. Idempotent: a marker written last records the size; a re-run with the same size and
-    all files present does nothing, otherwise every file is rewritten (each one atomically). Returns out_dir.
-    """
-    from sklearn.datasets import load_digits  # imported here: sklearn is slow to import and only the demo needs it
-
-    out = Path(out_dir).expanduser()
-    marker = out / _DIGITS_MARKER
-    digits = load_digits()
-    n = len(digits.target)
-    want = {"dataset": "sklearn.datasets.load_digits", "n": n, "size": int(size)}
-    names = [out / str(int(t)) / f"{k:04d}.png" for k, t in enumerate(digits.target)]
-    if marker.is_file():
-        try:
-            same = json.loads(marker.read_text()) == want
-        except (OSError, ValueError):
-            same = False
-        if same and all(q.is_file() for q in names):
-            return out
-    for c in range(10):
-        (out / str(c)).mkdir(parents=True, exist_ok=True)
-    for k, path in enumerate(names):
-        u8 = np.round(digits.images[k] * (255.0 / 16.0)).astype(np.uint8)
-        img = Image.fromarray(u8)
-        if size != u8.shape[0]:
-            img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
-        tmp = path.with_name(f".{path.name}.tmp")
-        img.convert("RGB").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    atomic_write_json(marker, want)
-    return out

@@ -18,7 +18,6 @@ not apply it either), and the format comes from the file content, never its exte
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import operator
 from abc import ABC, abstractmethod
@@ -27,8 +26,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from repa_pipe.cache.manifest import Dataset
 from repa_pipe.pipeline.errors import BadInputError
-from repa_pipe.pipeline.hashing import hash_lines
+from repa_pipe.pipeline.hashing import hash_lines, sha256_int64
 
 # Lower-case file extensions (ImageFolder) and WebDataset member suffixes that count as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
@@ -55,8 +55,11 @@ def to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in _SIXTEEN_BIT_MODES:
-        # Widen first: I;16B arrives big-endian and I is int32; clip guards against negative or >16-bit values.
-        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        # Stay at the decoder's width (uint16, or int32 for mode I; never a copy widened to int64): clip negative
+        # or >16-bit values, then keep the high byte. Big-endian I;16B shifts by value like any other.
+        a = np.asarray(img)
+        if a.dtype.kind == "i":
+            a = np.clip(a, 0, 65535)
         gray = (a >> 8).astype(np.uint8)
         return Image.fromarray(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)))
     try:
@@ -65,8 +68,11 @@ def to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
         raise BadImageError(where, f"unsupported image mode {img.mode} ({e})") from None
 
 
-def decode_image(data: bytes, where: str) -> Image.Image:
-    """Decode image bytes fully (img.load() inside the try, so truncation is caught here) and return RGB."""
+def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes fully (img.load() inside the try, so truncation is caught here) and return RGB.
+
+    An image whose header declares more than `max_pixels` pixels is refused before its pixels are decoded
+    (a 280 KB PNG can declare 144 megapixels: several GB once decoded)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # With this flag PIL silently pads cut-off images with gray; we would cache broken pixels without a word.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; repa_pipe needs it False to detect "
@@ -74,10 +80,16 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     if len(data) == 0:
         raise BadImageError(where, "empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise BadImageError(where, f"image is {w}x{h} ({w * h / 1e6:.1f} megapixels), over the pixel budget of "
+                                       f"{max_pixels / 1e6:g} megapixels (--max-megapixels)")
         img.load()
-    except MemoryError:
+    except BadImageError:
         raise
+    except MemoryError:
+        raise BadImageError(where, "out of memory while decoding (lower --max-megapixels or --workers)") from None
     except Image.DecompressionBombError as e:
         raise BadImageError(where, f"image too large ({e})") from None
     except UnidentifiedImageError:
@@ -88,11 +100,6 @@ def decode_image(data: bytes, where: str) -> Image.Image:
             raise BadImageError(where, f"truncated image data ({msg})") from None
         raise BadImageError(where, f"corrupt image data ({type(e).__name__}: {msg})") from None
     return to_rgb(img, where)
-
-
-def sha256_labels(labels: np.ndarray) -> str:
-    """sha256 of the labels as little-endian int64 bytes."""
-    return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
 
 
 class ImageSource(ABC):
@@ -129,32 +136,37 @@ class ImageSource(ABC):
     def read_bytes(self, i: int) -> bytes:
         """The encoded bytes of sample i; raises BadInputError when they cannot be read."""
 
-    def read(self, i: int) -> Image.Image:
+    def read(self, i: int, max_pixels: int | None = None) -> Image.Image:
         """Decoded RGB image of sample i; raises BadInputError("<path>: <reason>")."""
         i = self._index(i)
         if i in self.known_bad:
             raise BadImageError(self.where(i), self.known_bad[i])
-        return decode_image(self.read_bytes(i), self.where(i))
+        return decode_image(self.read_bytes(i), self.where(i), max_pixels)
+
+    _num_classes: int | None = None  # set from --num-classes
 
     @property
     def num_classes(self) -> int:
+        """--num-classes when given, else the class folders, else the largest usable label + 1."""
+        if self._num_classes is not None:
+            return self._num_classes
         if self.class_names is not None:
             return len(self.class_names)
-        return int(self.labels.max()) + 1 if len(self.labels) and self.labels.max() >= 0 else 0
+        usable = self.labels[self.labels >= 0]
+        return int(usable.max()) + 1 if len(usable) else 0
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-able provenance. file_list_sha256 = hash_lines(keys), i.e. the sha256 of a keys.txt written one
-        key per line with '\\n' endings; labels_sha256 = sha256 of the labels as little-endian int64."""
-        return {
-            "kind": self.kind,
-            "root": self.root,
-            "N": len(self.keys),
-            "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "file_list_sha256": hash_lines(self.keys),
-            "labels_sha256": sha256_labels(self.labels),
-            "num_known_bad": len(self.known_bad),
-        }
+    def dataset(self) -> Dataset:
+        """The manifest's record of this source. file_list_sha256 = hash_lines(keys), i.e. the sha256 of a
+        keys.txt written one key per line with '\\n' endings; labels_sha256 = sha256 of the labels as
+        little-endian int64."""
+        names = tuple(self.class_names) if self.class_names is not None else None
+        return Dataset(kind=self.kind, root=self.root, n=len(self.keys), num_classes=self.num_classes,
+                       file_list_sha256=hash_lines(self.keys), labels_sha256=sha256_int64(self.labels),
+                       class_names=names, notes=tuple(self.notes()))
+
+    def notes(self) -> list[str]:
+        """What listing found that the manifest should keep (samples unusable at listing time, ...)."""
+        return [f"{len(self.known_bad)} sample(s) unusable at listing time"] if self.known_bad else []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={self.root!r}, N={len(self)}, num_classes={self.num_classes})"

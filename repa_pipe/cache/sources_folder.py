@@ -26,7 +26,7 @@ class ImageFolderSource(ImageSource):
 
     kind = "imagefolder"
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, num_classes: int | None = None) -> None:
         p = Path(root).expanduser()
         if not p.exists():
             raise BadInputError(f"{root}: no such file or directory")
@@ -77,9 +77,12 @@ class ImageFolderSource(ImageSource):
         if not keys:
             raise BadInputError(f"{root}: no images found (expected {root}/<class>/<image> with extension "
                                 f"{'/'.join(IMAGE_EXTENSIONS)})")
+        if num_classes is not None and num_classes < len(classes):
+            raise BadInputError(f"{root}: {len(classes)} class folders, more than --num-classes {num_classes}")
         self.keys = keys
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = classes
+        self._num_classes = num_classes
 
     def where(self, i: int) -> str:
         return os.path.join(self.root, self.keys[self._index(i)])

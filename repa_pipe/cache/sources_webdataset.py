@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from repa_pipe.cache.manifest import MAX_CLASSES
 from repa_pipe.cache.sources_base import IMAGE_SUFFIXES, BadImageError, ImageSource
 from repa_pipe.pipeline.errors import BadInputError
 
@@ -45,16 +46,18 @@ class WebDatasetSource(ImageSource):
       Members of one KEY are grouped even when not adjacent in the tar (webdataset's stream reader would split them).
     - Order: tars sorted by file name, samples in tar order (first member of each KEY).
       key = "<tar file name>/<KEY>"; tar file names must therefore be unique.
-    - A sample with no .cls, an unparsable or negative .cls, several .cls, or several image members keeps its index,
-      gets label -1 (no usable label) or its parsed label, and is listed in `known_bad`; read() raises for it.
+    - A sample with no .cls, an unparsable, negative or out-of-range .cls (>= num_classes, or 100,000 when not
+      given), several .cls, or several image members keeps its index, gets label -1 (no usable label) or its
+      parsed label, and is listed in `known_bad`; read() raises for it.
     - Members with other suffixes (.json, .txt, ...) are ignored; a .cls with no image is not a sample (warning).
     - Only uncompressed tars (random access by byte offset). Image bytes are read by (offset, size) at read time.
     """
 
     kind = "webdataset"
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, num_classes: int | None = None) -> None:
         paths = expand_tar_spec(spec)
+        bound = num_classes or MAX_CLASSES
         self.root = spec if "{" in spec else str(Path(spec).expanduser().resolve())
         paths = sorted(paths, key=lambda q: q.name)
         names = [q.name for q in paths]
@@ -80,6 +83,10 @@ class WebDatasetSource(ImageSource):
                 offsets.append(images[0][1])
                 sizes.append(images[0][2])
                 exts.append(ext_pool.setdefault(images[0][0], images[0][0]))
+                if cls_label >= bound:
+                    cls_problem = (f"label {cls_label} out of range [0, {bound})"
+                                   + ("" if num_classes else " (pass --num-classes for more than 100,000 classes)"))
+                    cls_label = -1
                 labels.append(cls_label)
                 if len(images) > 1:
                     self.known_bad[i] = "several image members (" + ", ".join(f"{prefix}.{x[0]}" for x in images) + ")"
@@ -89,6 +96,7 @@ class WebDatasetSource(ImageSource):
             raise BadInputError(f"{spec}: no image samples found in {len(paths)} tar file(s)")
         self.keys = keys
         self.labels = np.asarray(labels, dtype=np.int64)
+        self._num_classes = num_classes
         self._tar_ids = np.asarray(tar_ids, dtype=np.int32)
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._sizes = np.asarray(sizes, dtype=np.int64)
@@ -166,8 +174,3 @@ class WebDatasetSource(ImageSource):
         if len(data) != size:
             raise BadImageError(self.where(i), f"tar shard truncated ({len(data)} of {size} bytes present)")
         return data
-
-    def describe(self) -> dict:
-        d = super().describe()
-        d["shards"] = [os.path.basename(q) for q in self.tar_paths]
-        return d

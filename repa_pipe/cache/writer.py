@@ -1,168 +1,224 @@
 """Creating a cache, adding arrays, writing whole shards durably, finalizing.
 
-Protocol (reference/storage.md section 6.4): rank 0 creates the cache and each array at full size once;
-every rank writes only the shards it owns, one whole-shard assignment per array; after the shard file is
-fsynced a done marker is written atomically. A killed run is resumed by running the same command again:
-shards with a marker are skipped, all others are rewritten whole (idempotent).
+Protocol (reference/storage.md section 6.4): the cache and each array are created once, at full size, under
+the cache lock; every rank writes only the shards it owns; after a shard file is fsynced its done marker is
+written atomically. A killed run is resumed by running the same command again: shards with a marker are
+skipped, all others are rewritten whole (idempotent). Every manifest update is a read-modify-write under the
+cache lock, so jobs writing different arrays of one cache never lose each other's entries.
 """
 from __future__ import annotations
 
-import zlib
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
+from repa_pipe.cache.lock import cache_lock
+from repa_pipe.cache.manifest import (DEFAULT_SHARD_SIZE, ArrayEntry, ArraySpec, BadRow, Dataset, Manifest, is_cache, read_manifest,
+                                      utc_now, write_manifest)
 from repa_pipe.pipeline.errors import CacheMismatchError, NotACacheError
 from repa_pipe.pipeline.fileio import atomic_write_json, fsync_path, read_json
-from repa_pipe.pipeline.hashing import hash_json
 
-# Fields of an array entry that describe its bytes: two runs that agree on these write identical data.
-_IDENTITY_FIELDS = ("kind", "model", "dtype", "shape", "chunk", "preprocessing", "extra")
+LOCK_FILES = {".lock", "locks"}
 
 
-def open_or_create(root: Path, dataset: dict, keys: list[str], labels: np.ndarray, resolution: int,
-                   shard_size: int | None) -> dict[str, Any]:
-    """Rank 0: create the cache folder (or check an existing one is for the same source) and return its manifest.
-
-    `shard_size=None` means "whatever the existing cache uses" (1024 for a new cache).
-    """
+def check_target(root: Path) -> None:
+    """Before anything is written: CACHE must be a cache, a new path or an empty folder."""
     root = Path(root)
-    if layout.is_cache(root):
-        manifest = layout.load_manifest(root)
-        layout.check_same_dataset(manifest, dataset, resolution, shard_size, root)
-        return manifest
-    if root.exists() and not root.is_dir():
-        raise NotACacheError(f"{root}: exists and is not a folder (nor a repa-pipe cache); "
-                             "pass a new or empty folder to --cache")
-    if root.exists() and any(root.iterdir()):
+    if is_cache(root) or not root.exists():
+        return
+    if not root.is_dir():
+        raise NotACacheError(f"{root}: exists and is not a folder; pass a new or empty folder to --cache")
+    if any(p.name not in LOCK_FILES for p in root.iterdir()):
         raise NotACacheError(f"{root}: folder exists, is not empty and is not a repa-pipe cache; "
                              "pass a new or empty folder to --cache")
+
+
+def check_same(m: Manifest, dataset: Dataset, resolution: int, shard_size: Optional[int], root: Path) -> None:
+    """Adding arrays to a cache made from another source, resolution or shard size is an error."""
+    diff = m.dataset.same_images(dataset)
+    if diff:
+        raise CacheMismatchError(
+            f"{root}: cache was made from another source ({diff}: cache {getattr(m.dataset, diff)!r} vs source "
+            f"{getattr(dataset, diff)!r}; cache source {m.dataset.root!r}, given {dataset.root!r})")
+    if m.resolution != resolution:
+        raise CacheMismatchError(f"{root}: cache resolution is {m.resolution}, asked for --resolution {resolution}")
+    if shard_size is not None and m.shard_size != shard_size:
+        raise CacheMismatchError(f"{root}: cache shard size is {m.shard_size}, asked for --shard-size {shard_size}")
+
+
+def check_spec(m: Manifest, spec: ArraySpec, root: Path) -> None:
+    """An existing array must have been made exactly as `spec` says (same model, weights, dtype, ...)."""
+    have = m.arrays.get(spec.name)
+    if have is None or have.spec.spec_hash == spec.spec_hash:
+        return
+    a, b = dataclasses.asdict(have.spec), dataclasses.asdict(spec)
+    diff = [k for k in a if a[k] != b[k]]
+    raise CacheMismatchError(
+        f"{root}: array {spec.name} exists but was made differently ({', '.join(diff)} differ: cache "
+        f"{[a[k] for k in diff]} vs now {[b[k] for k in diff]}); use another --cache folder")
+
+
+def open_or_create(root: Path, dataset: Dataset, keys: list[str], labels: np.ndarray, resolution: int,
+                   shard_size: Optional[int]) -> Manifest:
+    """Create the cache (or check that an existing one is of the same images) and return its manifest.
+    `shard_size=None`: the existing cache's, or DEFAULT_SHARD_SIZE for a new one."""
+    root = Path(root)
+    check_target(root)
     root.mkdir(parents=True, exist_ok=True)
-    manifest = layout.new_manifest(dataset, resolution, shard_size or 1024)
-    layout.write_index(root, keys, labels)
-    zarr.open_group(store=str(CachePaths(root).zarr), mode="a", zarr_format=3)
-    layout.save_manifest(root, manifest)  # written last: a folder with a manifest is a usable cache
-    return manifest
+    with cache_lock(root):
+        if is_cache(root):  # made meanwhile by a concurrent job, or before
+            m = read_manifest(root)
+            check_same(m, dataset, resolution, shard_size, root)
+            return m
+        clean_manifest_debris(root)
+        m = Manifest(dataset=dataset, resolution=resolution, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+        layout.write_index(root, keys, labels)
+        zarr.open_group(store=str(CachePaths(root).zarr), mode="a", zarr_format=3)
+        write_manifest(root, m)  # written last: a folder with a manifest is a usable cache
+        return m
 
 
-def config_hash(entry: dict[str, Any]) -> str:
-    return hash_json({k: entry.get(k) for k in _IDENTITY_FIELDS})
+def ensure_array(root: Path, spec: ArraySpec) -> Manifest:
+    """Create array `spec.name` at full size once, or check the existing one was made the same way.
 
-
-def ensure_array(root: Path, manifest: dict[str, Any], name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0: create array `name` at full size, or check the existing one was made the same way.
-
-    `entry` holds kind, model (id, weights hash, ...), dtype, shape, chunk, preprocessing, extra.
-    Returns the updated manifest.
+    An array is never recreated once it has done shards: only an array with no manifest entry and no done
+    marker (left by a crash between its creation and the manifest update) is made again.
     """
-    entry = {**entry, "config_hash": config_hash(entry)}
-    have = manifest["arrays"].get(name)
-    if have is not None:
-        if have["config_hash"] != entry["config_hash"]:
-            diff = [k for k in _IDENTITY_FIELDS if have.get(k) != entry.get(k)]
-            raise CacheMismatchError(
-                f"{root}: array {name} exists but was made differently ({', '.join(diff)} differ: "
-                f"cache {[have.get(k) for k in diff]} vs now {[entry.get(k) for k in diff]}); "
-                "use another --cache folder")
-        return manifest
-    shape = tuple(entry["shape"])
-    shard = (manifest["shard_size"],) + shape[1:]
-    group = zarr.open_group(store=str(CachePaths(root).zarr), mode="a", zarr_format=3)
-    # One sample per inner chunk, no compressor: each row is a fixed-stride slice of its shard file, which is
-    # what the pread reader relies on. NaN fill: a row never written reads as NaN, never as zeros.
-    group.create_array(name, shape=shape, chunks=(1,) + shape[1:], shards=shard, dtype=entry["dtype"],
-                       compressors=None, fill_value=np.nan, config={"write_empty_chunks": True},
-                       overwrite=True)
-    manifest["arrays"][name] = {**entry, "status": "in_progress", "created_utc": layout.utc_now(), "bad": []}
-    layout.save_manifest(root, manifest)
-    return manifest
+    root = Path(root)
+    with cache_lock(root):
+        m = read_manifest(root)
+        if spec.name in m.arrays:
+            check_spec(m, spec, root)
+            return m
+        done = CachePaths(root).done_dir(spec.name)
+        if done.is_dir() and any(done.glob("*.json")):
+            raise CacheMismatchError(f"{root}: {spec.name} has done shards but no manifest entry (was manifest.json "
+                                     "edited or replaced?); refusing to recreate it: use another --cache folder")
+        group = zarr.open_group(store=str(CachePaths(root).zarr), mode="a", zarr_format=3)
+        # One sample per inner chunk, raw bytes plus a crc32c each: every row is a fixed-stride, self-checking
+        # slice of its shard file, which is what the pread reader relies on. NaN fill: a row never written reads
+        # as NaN, never as zeros.
+        group.create_array(spec.name, shape=spec.shape, chunks=(1, *spec.row_shape),
+                           shards=(m.shard_size, *spec.row_shape), dtype=spec.dtype, compressors=[Crc32cCodec()],
+                           fill_value=np.nan, config={"write_empty_chunks": True}, overwrite=True)
+        m = m.with_array(ArrayEntry(spec=spec, created_utc=utc_now()))
+        write_manifest(root, m)
+        return m
 
 
-def clean_partials(root: Path) -> int:
-    """Remove zarr's `*.partial` temp files left by a killed writer (zarr never fsyncs; we do)."""
-    n = 0
-    for p in CachePaths(Path(root)).zarr.rglob("*.partial"):
+def clean_manifest_debris(root: Path) -> int:
+    """Remove temp files of interrupted manifest/index writes. Call holding the cache lock."""
+    paths = CachePaths(Path(root))
+    found = [*paths.root.glob(".manifest.json.*.tmp"), *paths.keys.parent.glob(".*.tmp")]
+    for p in found:
         p.unlink(missing_ok=True)
-        n += 1
-    return n
+    return len(found)
 
 
-def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
+def clean_array_debris(root: Path, name: str) -> int:
+    """Remove temp files a killed writer of `name` left (zarr partial writes, done-marker temps). Call holding
+    the array's lock, so no live writer's file is touched."""
+    paths = CachePaths(Path(root))
+    found = [*paths.array_dir(name).rglob("*.partial"), *paths.done_dir(name).glob(".*.tmp")]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return len(found)
+
+
+def file_crc32c(path: Path, chunk: int = 1 << 24) -> int:
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
+            crc = google_crc32c.extend(crc, block)
     return crc
 
 
 class ShardWriter:
     """Writes whole shards of one array and their done markers. Safe for concurrent ranks owning distinct shards."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], name: str):
+    def __init__(self, root: Path, manifest: Manifest, name: str):
         self.root, self.name = Path(root), name
         self.paths = CachePaths(self.root)
-        self.n = int(manifest["dataset"]["N"])
-        self.shard_size = int(manifest["shard_size"])
-        self.num_shards = int(manifest["num_shards"])
-        self.entry = manifest["arrays"][name]
+        self.manifest = manifest
+        self.spec = manifest.array(name).spec
+        self.spec_hash = self.spec.spec_hash
         # write_empty_chunks is a runtime setting, not stored in the metadata: an all-NaN (bad) row must still be
         # materialised so every row sits at its fixed offset in the shard file.
         self.array = zarr.open_array(store=str(self.paths.zarr), path=name, mode="r+",
                                      zarr_format=3).with_config({"write_empty_chunks": True})
+
+    @property
+    def num_shards(self) -> int:
+        return self.manifest.num_shards
 
     def is_done(self, k: int) -> bool:
         marker = self.paths.done_marker(self.name, k)
         if not marker.is_file():
             return False
         try:
-            return read_json(marker).get("config_hash") == self.entry["config_hash"]
-        except ValueError:  # a torn marker cannot exist (atomic rename), but a hand-edited one can
+            return read_json(marker).get("spec_hash") == self.spec_hash
+        except (ValueError, OSError, AttributeError):  # unreadable: rewrite the shard, and its marker with it
             return False
 
-    def pending(self, shards: list[int]) -> list[int]:
+    def pending(self, shards: Iterable[int]) -> list[int]:
         return [k for k in shards if not self.is_done(k)]
 
-    def write(self, k: int, data: np.ndarray, bad: list[dict[str, Any]]) -> None:
+    def write(self, k: int, data: np.ndarray, bad: list[BadRow]) -> None:
         """Write shard k whole (`data` has all its rows; bad rows already NaN), fsync, then mark it done."""
-        start, stop = layout.shard_range(k, self.n, self.shard_size)
-        expect = (stop - start,) + tuple(self.entry["shape"][1:])
+        start, stop = self.manifest.shard_range(k)
+        expect = (stop - start, *self.spec.row_shape)
         if data.shape != expect:
             raise ValueError(f"shard {k} of {self.name}: got {data.shape}, expected {expect}")
-        self.array[start:stop] = data.astype(self.entry["dtype"], copy=False)
+        self.array[start:stop] = data.astype(self.spec.dtype, copy=False)
         path = self.paths.shard_file(self.name, k, len(expect))
         fsync_path(path)
         fsync_path(path.parent)
-        marker = {"k": k, "start": start, "stop": stop, "bytes": path.stat().st_size, "crc32": file_crc32(path),
-                  "config_hash": self.entry["config_hash"], "bad": bad, "written_utc": layout.utc_now()}
+        marker = {"k": k, "start": start, "stop": stop, "bytes": path.stat().st_size, "crc32c": file_crc32c(path),
+                  "spec_hash": self.spec_hash, "bad": [dataclasses.asdict(b) for b in bad],
+                  "written_utc": utc_now()}
         atomic_write_json(self.paths.done_marker(self.name, k), marker)
 
 
-def read_markers(root: Path, name: str, num_shards_: int) -> dict[int, dict]:
+def read_markers(root: Path, name: str,
+                 n_shards: int) -> tuple[dict[int, dict[str, Any]], list[tuple[int, str]]]:
+    """({k: marker} for readable markers, [(k, one line) per unreadable marker])."""
     paths = CachePaths(Path(root))
-    out = {}
-    for k in range(num_shards_):
+    out, problems = {}, []
+    for k in range(n_shards):
         p = paths.done_marker(name, k)
-        if p.is_file():
-            out[k] = read_json(p)
-    return out
+        if not p.is_file():
+            continue
+        try:
+            marker = read_json(p)
+            if not isinstance(marker, dict):
+                raise ValueError("not a JSON object")
+            out[k] = marker
+        except (ValueError, OSError) as e:
+            problems.append((k, f"{name}: shard {k}: unreadable done marker {p} ({type(e).__name__}: {e})"))
+    return out, problems
 
 
-def finalize(root: Path, name: str) -> dict[str, Any]:
-    """Rank 0 after all ranks finished: collect bad rows from the markers, mark the array complete if every
-    shard is done. Returns the manifest."""
+def finalize(root: Path, name: str) -> Manifest:
+    """After all ranks finished: collect bad rows from the markers and mark the array complete if every shard
+    is done. Returns the manifest."""
     root = Path(root)
-    manifest = layout.load_manifest(root)
-    entry = manifest["arrays"][name]
-    markers = read_markers(root, name, manifest["num_shards"])
-    good = {k: m for k, m in markers.items() if m.get("config_hash") == entry["config_hash"]}
-    entry["bad"] = sorted((b for m in good.values() for b in m["bad"]), key=lambda b: b["index"])
-    entry["shards_done"] = len(good)
-    if len(good) == manifest["num_shards"]:
-        entry["status"] = "complete"
-        entry["completed_utc"] = layout.utc_now()
-    layout.save_manifest(root, manifest)
-    return manifest
+    with cache_lock(root):
+        m = read_manifest(root)
+        entry = m.array(name)
+        markers, _ = read_markers(root, name, m.num_shards)
+        good = [mk for mk in markers.values() if mk.get("spec_hash") == entry.spec.spec_hash]
+        bad = sorted((BadRow(**b) for mk in good for b in mk["bad"]), key=lambda b: b.index)
+        complete = len(good) == m.num_shards
+        entry = dataclasses.replace(entry, bad=tuple(bad), shards_done=len(good),
+                                    status="complete" if complete else "in_progress",
+                                    completed_utc=utc_now() if complete else None)
+        m = m.with_array(entry)
+        write_manifest(root, m)
+        return m

@@ -52,8 +52,6 @@ downloaded only when the hub answers quickly; else MissingWeightsError naming `-
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -61,105 +59,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repa_pipe.models import weights as W
+from repa_pipe.models.registry import ENCODERS, EncoderSpec
 from repa_pipe.pipeline.errors import BadInputError, ConfigError, MissingWeightsError
 from repa_pipe.pipeline.hashing import hash_state_dict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 OPTION = "--encoder-weights FILE"
 TINY_SEED = 0
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    name: str
-    timm_name: str | None          # timm architecture (+ pretrained tag if any); None: VisionTransformer(**model_kwargs)
-    hub_id: str | None             # HF hub repo of timm-format weights; None -> weights must be given
-    patch_size: int
-    embed_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: bool                   # always resize to grid*patch (else only when the size differs)
-    final_norm: bool               # patch tokens after the final norm (False: raw block outputs)
-    prefix_tokens: int             # CLS + register tokens dropped from the output
-    needs_weights: bool            # --encoder-weights is required (no hub copy)
-    normalize_first: bool = True   # normalize then resize (DINOv2, I-JEPA) vs resize then normalize (CLIP)
-    has_cls: bool = True
-    model_kwargs: tuple[tuple[str, Any], ...] = ()
-    weights_formats: str = "timm state dict"
-    notes: str = ""
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.model_kwargs)
-
-
-def _dinov2(size: str, arch: str, dim: int, reg: bool) -> EncoderSpec:
-    reg_part = "reg4_" if reg else ""
-    timm_name = f"vit_{arch}_patch14_{reg_part}dinov2.lvd142m"
-    suffix = "_reg4" if reg else ""
-    return EncoderSpec(
-        name=f"dinov2-{size}{'-reg' if reg else ''}", timm_name=timm_name, hub_id=f"timm/{timm_name}",
-        patch_size=14, embed_dim=dim, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=True, final_norm=True,
-        prefix_tokens=5 if reg else 1, needs_weights=False,
-        weights_formats=f"timm state dict, or DINOv2 torch.hub checkpoint dinov2_vit{size}14{suffix}_pretrain.pth",
-        notes="x_norm_patchtokens; pos-embed 37x37 -> grid",
-    )
-
-
-ENCODERS: dict[str, EncoderSpec] = {}
-for _size, _arch, _dim in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024), ("g", "giant", 1536)):
-    for _reg in (False, True):
-        _spec = _dinov2(_size, _arch, _dim, _reg)
-        ENCODERS[_spec.name] = _spec
-
-ENCODERS.update({
-    "dinov1-b": EncoderSpec(
-        name="dinov1-b", timm_name="vit_base_patch16_224.dino", hub_id="timm/vit_base_patch16_224.dino",
-        patch_size=16, embed_dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=False, final_norm=True,
-        prefix_tokens=1, needs_weights=False,
-        weights_formats="timm state dict, DINO dino_vitbase16_pretrain.pth, or a DINO checkpoint ('teacher')",
-        notes="reference module missing; final norm per DINO convention"),
-    "clip-l": EncoderSpec(
-        name="clip-l", timm_name="vit_large_patch14_clip_quickgelu_224",
-        hub_id="timm/vit_large_patch14_clip_224.openai", patch_size=14, embed_dim=1024, mean=CLIP_MEAN,
-        std=CLIP_STD, resize=True, final_norm=False, prefix_tokens=1, needs_weights=False, normalize_first=False,
-        weights_formats="timm state dict, or an OpenAI CLIP state dict (visual.* keys; not TorchScript)",
-        notes="transformer output tokens without ln_post/proj (reference clip_vit.py)"),
-    "mae-l": EncoderSpec(
-        name="mae-l", timm_name="vit_large_patch16_224.mae", hub_id="timm/vit_large_patch16_224.mae",
-        patch_size=16, embed_dim=1024, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=False, final_norm=False,
-        prefix_tokens=1, needs_weights=False,
-        weights_formats="timm state dict, or MAE mae_pretrain_vit_large.pth ({'model': ...})",
-        notes="block outputs without final norm (reference mae_vit.py)"),
-    "ijepa-h": EncoderSpec(
-        name="ijepa-h", timm_name="vit_huge_patch14_gap_224.in1k_ijepa", hub_id=None, patch_size=14,
-        embed_dim=1280, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=True, final_norm=True, prefix_tokens=0,
-        needs_weights=True, has_cls=False,
-        weights_formats="I-JEPA IN1K-vit.h.14-300e.pth.tar ({'encoder': {'module.*'}}), or timm state dict",
-        notes="all tokens after the final norm"),
-    "mocov3-b": EncoderSpec(
-        name="mocov3-b", timm_name="vit_base_patch16_224", hub_id=None, patch_size=16, embed_dim=768,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=False, final_norm=True, prefix_tokens=1, needs_weights=True,
-        weights_formats="MoCo v3 / RCG checkpoint ({'state_dict': {'module.base_encoder.*'}}), or timm state dict",
-        notes="forward_features (with final norm), CLS dropped"),
-    "mocov3-l": EncoderSpec(
-        name="mocov3-l", timm_name="vit_large_patch16_224", hub_id=None, patch_size=16, embed_dim=1024,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=False, final_norm=True, prefix_tokens=1, needs_weights=True,
-        weights_formats="MoCo v3 / RCG checkpoint ({'state_dict': {'module.base_encoder.*'}}), or timm state dict",
-        notes="forward_features (with final norm), CLS dropped"),
-    "tiny": EncoderSpec(
-        name="tiny", timm_name=None, hub_id=None, patch_size=14, embed_dim=64, mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, resize=True, final_norm=True, prefix_tokens=1, needs_weights=False,
-        model_kwargs=(("patch_size", 14), ("embed_dim", 64), ("depth", 2), ("num_heads", 2), ("mlp_ratio", 4.0),
-                      ("init_values", 1e-5), ("img_size", 224), ("num_classes", 0)),
-        weights_formats="timm state dict or DINOv2 hub key format (random init, seed 0, when none is given)",
-        notes="random-init DINOv2-shaped ViT (layer scale, patch 14), for tests and demos"),
-})
-ENCODER_NAMES = tuple(ENCODERS)
 
 
 def get_spec(name: str) -> EncoderSpec:
@@ -334,10 +240,15 @@ class FeatureEncoder(torch.nn.Module):
         return out
 
     def describe(self) -> dict:
-        """JSON-able provenance: what a cache manifest records about the encoder."""
+        """JSON-able provenance: what a cache manifest records about the encoder and its input mapping."""
+        spec = self.spec
+        tokens = "patch tokens" + (" after the final norm" if spec.final_norm else " without the final norm")
         return {"name": self.name, "grid": self.grid, "embed_dim": self.embed_dim, "patch_size": self.patch_size,
                 "image_size": self.image_size, "weights_id": self.weights_id, "weights_hash": self.weights_hash,
-                "is_random_init": self.is_random_init}
+                "is_random_init": self.is_random_init, "timm_name": spec.timm_name,
+                "tokens": tokens + (", CLS/registers dropped" if spec.prefix_tokens else ""),
+                "input": {"range": "uint8/255", "mean": list(spec.mean), "std": list(spec.std),
+                          "size": self.image_size, "interp": "bicubic", "normalize_first": spec.normalize_first}}
 
     # -------------------------------------------------------------------------------------------- pixels
     def preprocess(self, x: Tensor) -> Tensor:
@@ -446,13 +357,3 @@ def load_encoder(name: str, weights: str | None = None, grid: int = 16, device="
     enc = FeatureEncoder(spec, model, grid, weights_id=weights_id, weights_hash=weights_hash,
                          is_random_init=random_init, dtype=dtype)
     return enc.to(device=device, dtype=dtype)
-
-
-def describe_encoders() -> list[dict]:
-    """One row per encoder for `--help`/docs: name, embed dim, patch, preprocessing, weights formats."""
-    rows = []
-    for spec in ENCODERS.values():
-        row = dataclasses.asdict(spec)
-        row.pop("model_kwargs")
-        rows.append(row)
-    return rows

@@ -32,12 +32,10 @@ import torch
 from torch import Tensor
 
 from repa_pipe.models import weights as W
+from repa_pipe.models.registry import CODEC_NAMES, HUB_IDS, SD_SCALING_FACTOR
 from repa_pipe.pipeline.errors import BadInputError, ConfigError
 from repa_pipe.pipeline.hashing import hash_state_dict
 
-CODEC_NAMES = ("sd-vae-ft-ema", "sd-vae-ft-mse", "pixel", "tiny")
-HUB_IDS = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
-SD_SCALING_FACTOR = 0.18215
 TINY_SEED = 0
 TINY_SCALING_FACTOR = 0.18215
 TINY_VAE_CONFIG = dict(

@@ -109,12 +109,13 @@ def sample(
     path: str = "linear",
     model_dtype: torch.dtype | None = None,
     stats: dict | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Integrate from noise z = x_1 (B, C, H, W) to x_0; returns a tensor of z's dtype.
 
     model_fn(x, t, y) -> velocity (e.g. `model.forward_velocity`); `randn(shape) -> (B, *shape)` supplies the
     SDE noise (required for mode='sde'). If `stats` is a dict it receives evals, guided_evals and rows (total
-    batch rows given to model_fn).
+    batch rows given to model_fn). `on_step()` is called after each of the num_steps steps (progress).
     """
     t_grid = _grid(mode, num_steps)
     if cfg_scale > 1.0 and null_class is None:
@@ -175,6 +176,8 @@ def sample(
                 d2 = cfg(velocity(x_next, t_next, guided)[0], guided)  # gate from t_cur, as the reference
                 x_next = x + dt * (0.5 * d + 0.5 * d2)
             x = x_next
+        if on_step is not None:
+            on_step()
     if stats is not None:
         stats.update(counts)
     return x.to(z.dtype)

@@ -29,14 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
 
+from repa_pipe.models.registry import ATTN_BACKENDS, SIT_PRESETS, SiTPreset
 from repa_pipe.pipeline.errors import ConfigError
 
 __all__ = [
     "SiT", "SiTPreset", "SIT_PRESETS", "build_sit", "drop_labels", "timestep_embedding",
-    "sincos_pos_embed_2d", "REFERENCE_KEY_MAP", "load_reference_state_dict", "flops_per_sample",
+    "sincos_pos_embed_2d", "load_reference_state_dict", "flops_per_sample",
 ]
 
-ATTN_BACKENDS = ("sdpa", "xformers")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,26 +332,6 @@ def drop_labels(y: torch.Tensor, drop_mask: torch.Tensor, num_classes: int) -> t
 # Presets
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SiTPreset:
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
-
-
-_SIZES = {  # name: (depth, hidden, heads)
-    "T": (4, 64, 4),  # tiny: CPU tests / demo, not in the reference
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-SIT_PRESETS: dict[str, SiTPreset] = {
-    f"SiT-{size}/{p}": SiTPreset(d, h, n, p) for size, (d, h, n) in _SIZES.items() for p in (1, 2, 4, 8)
-}
-
-
 def build_sit(
     name: str,
     *,
@@ -380,25 +360,14 @@ def build_sit(
 # Reference checkpoint, FLOPs
 # ----------------------------------------------------------------------------------------------------------
 
-# Our names equal the reference's (sihyun-yu/REPA models/sit.py), so no renaming is needed. Map entries are
-# (reference key prefix -> our key prefix); kept as the single place to add one if names ever diverge.
-REFERENCE_KEY_MAP: dict[str, str] = {}
-
-
 def load_reference_state_dict(model: SiT, sd: dict[str, torch.Tensor]) -> None:
     """Load a reference SiT state dict (e.g. `ckpt['ema']` or the released `last.pt`) strictly.
 
-    Strips a DDP `module.` prefix, applies REFERENCE_KEY_MAP, and raises ConfigError naming the missing /
-    unexpected / mis-shaped keys (usually a wrong preset, encoder_depth or z_dims).
+    Our parameter names equal the reference's (sihyun-yu/REPA models/sit.py), so only a DDP `module.` prefix is
+    stripped. Raises ConfigError naming the missing / unexpected / mis-shaped keys (usually a wrong preset,
+    encoder_depth or z_dims).
     """
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.")
-        for old, new in REFERENCE_KEY_MAP.items():
-            if k.startswith(old):
-                k = new + k[len(old):]
-                break
-        out[k] = v
+    out = {k.removeprefix("module."): v for k, v in sd.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(out))
     unexpected = sorted(set(out) - set(own))

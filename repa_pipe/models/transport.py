@@ -14,16 +14,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from repa_pipe.models.registry import ALIGN_LOSSES, PATHS, TIME_SAMPLERS
 from repa_pipe.pipeline.errors import ConfigError
 
 __all__ = [
-    "PATHS", "TIME_SAMPLERS", "ALIGN_LOSSES", "interpolant", "interpolate", "velocity_target", "sample_time",
+    "interpolant", "interpolate", "velocity_target", "sample_time",
     "time_from_base", "denoising_loss", "alignment_loss", "repa_loss", "sample_posterior",
 ]
-
-PATHS = ("linear", "cosine")
-TIME_SAMPLERS = ("uniform", "lognormal")
-ALIGN_LOSSES = ("cosine", "ntxent")
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:

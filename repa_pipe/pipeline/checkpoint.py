@@ -1,19 +1,26 @@
 """Training checkpoints: written atomically, read with `weights_only=True`.
 
 A checkpoint is a dict of tensors and plain Python values (no pickled objects), so loading it never runs code.
+A full disk is one clear error (checked before writing, and recognised if it happens anyway), and the temp
+files of a save that was killed are removed by the next start.
 """
 from __future__ import annotations
 
+import errno
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from repa_pipe.pipeline.errors import ConfigError
+from repa_pipe.pipeline.errors import CheckpointError, ConfigError
 from repa_pipe.pipeline.fileio import atomic_write
 
 _NAME = re.compile(r"^(\d{7,})\.pt$")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+__all__ = ["CheckpointError", "ckpt_path", "list_checkpoints", "latest", "save", "load", "prune", "clean_temp"]
 
 
 def ckpt_path(run: Path, step: int) -> Path:
@@ -33,8 +40,55 @@ def latest(run: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def clean_temp(run: Path) -> int:
+    """Remove the temp files of checkpoint saves that were killed (call before anyone saves)."""
+    folder = Path(run) / "checkpoints"
+    found = list(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return len(found)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _no_space(e: BaseException) -> bool:
+    """torch.save wraps the OSError of a full disk in a RuntimeError ("unexpected pos ..."): look through it."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = _tensor_bytes(state)
+    free = shutil.disk_usage(path.parent).free
+    if free < need * 1.02 + (1 << 20):
+        raise CheckpointError(f"{path}: no space left for the checkpoint (about {_gb(need)} needed, {_gb(free)} "
+                              "free); free some space (or use --keep-ckpts) and run the same command to resume")
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(path.parent).free
+        if _no_space(e) or free < need:
+            raise CheckpointError(f"{path}: no space left on device while saving the checkpoint (about "
+                                  f"{_gb(need)} needed, {_gb(free)} free); free some space and run the same "
+                                  "command to resume") from None
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({type(e).__name__}: {e})") from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as tdist
@@ -41,6 +42,7 @@ def init(timeout_min: float = 30.0) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+        _cpu_group()  # created now, by every rank in the same order, as new_group requires
     return info
 
 
@@ -89,6 +91,44 @@ def all_gather_object(obj: object) -> list:
     return out
 
 
+def run_on_rank0(fn: Callable[[], Any]) -> Any:
+    """Run fn on rank 0 and hand its result (or its RepaError) to every rank, so no rank waits forever."""
+    from repa_pipe.pipeline.errors import RepaError
+
+    result, err = None, None
+    if is_main():
+        try:
+            result = fn()
+        except RepaError as e:
+            err = e
+    result, err = broadcast_object((result, err))
+    if err is not None:
+        raise err
+    return result
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a stop signal seen by one rank). Uses the CPU (gloo)
+    group, so asking every step never waits for the GPU."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=_cpu_group())
+    return bool(t.item())
+
+
+_CPU_GROUP: Any = None
+
+
+def _cpu_group() -> Any:
+    global _CPU_GROUP
+    if tdist.get_backend() == "gloo":
+        return None  # the default group already runs on the CPU
+    if _CPU_GROUP is None:
+        _CPU_GROUP = tdist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
 def device() -> torch.device:
     """cuda:LOCAL_RANK when a GPU is present, else cpu."""
     if torch.cuda.is_available():
@@ -97,5 +137,7 @@ def device() -> torch.device:
 
 
 def shutdown() -> None:
+    global _CPU_GROUP
     if is_initialized():
         tdist.destroy_process_group()
+    _CPU_GROUP = None

@@ -23,3 +23,15 @@ class NotACacheError(RepaError):
 
 class CacheMismatchError(RepaError):
     """A cache does not fit what is asked of it (source, resolution, shapes, encoders, progress)."""
+
+
+class CacheBusyError(RepaError):
+    """Another job holds the lock on writing an array of the cache; the message names it."""
+
+
+class CorruptDataError(RepaError):
+    """Bytes on disk differ from what was written (a checksum mismatch) or a file of a done shard is missing."""
+
+
+class CheckpointError(RepaError):
+    """A checkpoint cannot be written or read (no space left, unreadable file)."""

@@ -23,6 +23,13 @@ def hash_lines(lines: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def sha256_int64(values) -> str:
+    """sha256 of integers as little-endian int64 bytes (e.g. a cache's labels)."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(values, dtype="<i8").tobytes()).hexdigest()
+
+
 def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

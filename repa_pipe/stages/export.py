@@ -16,6 +16,7 @@ from repa_pipe.pipeline import checkpoint
 from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.fileio import atomic_write_bytes
 from repa_pipe.pipeline.progress import log
+from repa_pipe.sampling.config import ExportConfig
 
 EXPORT_FORMAT = "repa-pipe-ema/1"
 
@@ -42,8 +43,9 @@ def metadata(ck: dict[str, Any]) -> dict[str, str]:
             "cache_spec": json.dumps(ck.get("cache_spec", {}))}
 
 
-def run(run_or_file: Path, out: Path) -> None:
-    path = resolve_checkpoint(run_or_file)
+def run(cfg: ExportConfig) -> None:
+    out = Path(cfg.out)
+    path = resolve_checkpoint(cfg.run)
     ck = checkpoint.load(path)
     tensors = ema_tensors(ck, path)
     atomic_write_bytes(Path(out), safetensors_bytes(tensors, metadata=metadata(ck)))  # never a torn file

@@ -1,7 +1,6 @@
 """Pixel conversion and the PNGs a run writes (sample grids, loss curve), with PIL only."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from repa_pipe.pipeline import metrics_log
 from repa_pipe.pipeline.fileio import atomic_write
 
 
@@ -47,7 +47,7 @@ def save_grid(images: np.ndarray | torch.Tensor, path: Path, cols: int | None = 
 
 def save_loss_curve(metrics_jsonl: Path, path: Path, size: tuple[int, int] = (640, 360)) -> None:
     """Loss, denoising and alignment loss against step, as a PNG line chart."""
-    recs = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    recs = metrics_log.read(metrics_jsonl)
     if len(recs) < 2:
         return
     w, h = size

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from repa_pipe.models.sit import SIT_PRESETS, SiT, build_sit, load_reference_state_dict
 from repa_pipe.pipeline import checkpoint
+from repa_pipe.pipeline.config import check_choice
 from repa_pipe.pipeline.errors import ConfigError
 
 
@@ -30,6 +31,7 @@ class LoadedModel:
     kind: str                        # "checkpoint" | "safetensors" | "reference"
     step: Optional[int]
     train_config: dict[str, Any]     # the training config when known ({} for the reference checkpoint)
+    view: Optional[dict[str, Any]]   # the cache's training view (cache.manifest.TrainingView) when known
 
 
 def resolve_weights(run: Optional[Path], ckpt: Optional[str]) -> Path:
@@ -40,7 +42,7 @@ def resolve_weights(run: Optional[Path], ckpt: Optional[str]) -> Path:
             raise ConfigError(f"--ckpt {ckpt}: no such file")
         return p
     if run is None:
-        raise ConfigError("pass --run RUN (a training run folder) or --ckpt FILE")
+        raise ConfigError("pass --run-dir RUN (a training run folder) or --ckpt FILE")
     if ckpt is not None:
         p = checkpoint.ckpt_path(run, int(ckpt))
         if not p.is_file():
@@ -53,8 +55,11 @@ def resolve_weights(run: Optional[Path], ckpt: Optional[str]) -> Path:
     return p
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, Optional[int], dict[str, Any]]:
-    """(EMA state dict, kind, step, train config) from a checkpoint, safetensors or reference file."""
+Weights = tuple[dict[str, torch.Tensor], str, Optional[int], dict[str, Any], Optional[dict[str, Any]]]
+
+
+def read_weights(path: Path) -> Weights:
+    """(EMA state dict, kind, step, train config, cache view) from a checkpoint, safetensors or reference file."""
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -64,14 +69,15 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, Optional[int
             raise ConfigError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         cfg = json.loads(meta["config"]) if "config" in meta else {}
         step = int(meta["step"]) if "step" in meta else None
-        return sd, "safetensors", step, cfg
+        view = json.loads(meta["cache_spec"]) if meta.get("cache_spec") else None
+        return sd, "safetensors", step, cfg, view
     ck = _load_pt(path)
     if isinstance(ck, dict) and str(ck.get("format", "")).startswith("repa-pipe-train"):
-        return ck["ema"], "checkpoint", int(ck["step"]), ck["config"]
+        return ck["ema"], "checkpoint", int(ck["step"]), ck["config"], ck.get("cache_spec")
     if isinstance(ck, dict) and "ema" in ck and isinstance(ck["ema"], dict):
-        return ck["ema"], "reference", ck.get("steps"), {}
+        return ck["ema"], "reference", ck.get("steps"), {}, None
     if isinstance(ck, dict) and all(isinstance(v, torch.Tensor) for v in ck.values()):
-        return ck, "reference", None, {}
+        return ck, "reference", None, {}, None
     raise ConfigError(f"{path}: neither a repa-pipe checkpoint nor a SiT state dict")
 
 
@@ -94,8 +100,6 @@ def _shape(sd: dict[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]
 
 def build_from_weights(sd: dict[str, torch.Tensor], preset: str, encoder_depth: int, path: Path) -> SiT:
     """Build preset `preset` with the geometry the weights imply, then load them strictly."""
-    if preset not in SIT_PRESETS:
-        raise ConfigError(f"--model must be one of {', '.join(SIT_PRESETS)}; got {preset!r}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     hidden, channels, p, _ = _shape(sd, "x_embedder.proj.weight", path)
     tokens = _shape(sd, "pos_embed", path)[1]
@@ -116,13 +120,16 @@ def build_from_weights(sd: dict[str, torch.Tensor], preset: str, encoder_depth: 
     return model
 
 
-def load_for_sampling(run: Optional[Path], ckpt: Optional[str], preset: Optional[str], encoder_depth: int,
+def load_for_sampling(run: Optional[Path], ckpt: Optional[str], preset: Optional[str],
                       device: torch.device) -> LoadedModel:
     path = resolve_weights(run, ckpt)
-    sd, kind, step, cfg = read_weights(path)
+    sd, kind, step, cfg, view = read_weights(path)
     name = preset or cfg.get("model")
     if name is None:
         raise ConfigError(f"{path}: a reference checkpoint does not say its model; pass --model (e.g. SiT-XL/2)")
-    model = build_from_weights(sd, name, cfg.get("encoder_depth", encoder_depth), path)
+    check_choice(name, SIT_PRESETS, "model")
+    # The tap depth changes no sampling output (projectors are skipped); it must only be a valid block.
+    depth = cfg.get("encoder_depth") or SIT_PRESETS[name].align_depth
+    model = build_from_weights(sd, name, depth, path)
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model, str(path), kind, step, cfg)
+    return LoadedModel(model, str(path), kind, step, cfg, view)

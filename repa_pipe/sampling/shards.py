@@ -35,6 +35,18 @@ def iter_shards(out: Path, num_shards: int) -> Iterator[tuple[np.ndarray, np.nda
         yield read_shard(out, k)
 
 
+def first_images(out: Path, num_shards: int, n: int) -> np.ndarray:
+    """The first n samples (reading only the shards that hold them), for the grid."""
+    got, seen = [], 0
+    for k in range(num_shards):
+        if seen >= n:
+            break
+        imgs, _ = read_shard(out, k)
+        got.append(imgs)
+        seen += len(imgs)
+    return np.concatenate(got)[:n]
+
+
 def _write_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype,
                       chunks: Iterator[np.ndarray]) -> None:
     """One .npy member of a zip, header first, then the rows chunk by chunk (C order)."""

@@ -1,0 +1,83 @@
+"""The options of `encode-latents` and `encode-features` (light: the CLI reads them to build --help)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from repa_pipe.models.registry import CODEC_NAMES, ENCODERS
+from repa_pipe.pipeline.config import check_at_least, check_choices, option
+from repa_pipe.pipeline.errors import ConfigError
+
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+DEFAULT_RESOLUTION = 256
+DEFAULT_MAX_MEGAPIXELS = 64.0  # ImageNet's largest images are under 20 Mpx
+
+
+@dataclass(frozen=True)
+class _Target:
+    source: str = option(help="Images: an ImageFolder root (ROOT/<class>/<file>), a folder of WebDataset .tar "
+                              "shards, or a brace pattern such as 'shards/train-{0000..0099}.tar'.", metavar="PATH")
+    cache: Path = option(help="Cache folder (created if new; arrays are added to an existing cache of the same "
+                              "images).", metavar="DIR")
+
+
+@dataclass(frozen=True)
+class _Common:
+    resolution: Optional[int] = option(None, "ADM center-crop size in pixels. Default: the cache's, or 256 for a "
+                                             "new cache.", metavar="PX")
+    shard_size: Optional[int] = option(None, "Samples per shard. Default: the cache's, or 1024 for a new cache.",
+                                       metavar="N")
+    batch_size: int = option(32, "Images per model forward.", metavar="N")
+    workers: int = option(4, "Image-decoding loader processes per rank (0: decode in the main process).",
+                          metavar="N")
+    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=PRECISION_NAMES)
+    skip_bad: bool = option(False, "Record bad images and labels (path, reason) in the manifest and mark their "
+                                   "rows invalid, instead of stopping at the first one.")
+    num_classes: Optional[int] = option(None, "Labels must lie in [0, N). Default: the number of class folders of "
+                                              "an ImageFolder; for tar shards the largest label + 1, at most "
+                                              "100,000.", metavar="N")
+    max_megapixels: float = option(DEFAULT_MAX_MEGAPIXELS, "Pixel budget: an image whose header declares more "
+                                   "megapixels is a bad image (found before it is decoded).", metavar="MPX")
+
+    def _check_common(self) -> None:
+        check_choices(self)
+        check_at_least(self, ("batch_size", "shard_size", "resolution", "num_classes"), 1)
+        check_at_least(self, ("workers",), 0)
+        if not self.max_megapixels > 0:
+            raise ConfigError(f"--max-megapixels must be positive, got {self.max_megapixels}")
+
+
+@dataclass(frozen=True)
+class _Latents:
+    vae: str = option("sd-vae-ft-mse", "VAE: sd-vae-ft-mse (the reference's) or sd-vae-ft-ema (diffusers "
+                                       "AutoencoderKL; one encoder), pixel (the image itself in [-1, 1]), tiny "
+                                       "(random-init, for tests).", metavar="NAME", choices=CODEC_NAMES)
+    vae_weights: Optional[str] = option(None, "Local diffusers VAE folder (save_pretrained layout) instead of the "
+                                              "hub id.", metavar="DIR")
+    dtype: str = option("float32", "Stored moments dtype.", metavar="DTYPE", choices=("float32", "float16"))
+
+
+@dataclass(frozen=True)
+class EncodeLatentsConfig(_Common, _Latents, _Target):
+    def __post_init__(self) -> None:
+        self._check_common()
+
+
+@dataclass(frozen=True)
+class _Features:
+    encoder: str = option("dinov2-b", "Pretrained encoder (ijepa-h and mocov3-* need --encoder-weights; tiny is "
+                                      "random-init unless given --encoder-weights).", metavar="NAME",
+                          choices=ENCODERS)
+    encoder_weights: Optional[str] = option(None, "Encoder weights file (timm state dict or the encoder's "
+                                                  "official format) instead of the hub.", metavar="FILE")
+    grid: Optional[int] = option(None, "Token grid per side. Default: a patch-2 SiT's grid on the cache's "
+                                       "latents, or resolution/16 without latents.", metavar="N")
+    dtype: str = option("float16", "Stored feature dtype.", metavar="DTYPE", choices=("float16", "float32"))
+
+
+@dataclass(frozen=True)
+class EncodeFeaturesConfig(_Common, _Features, _Target):
+    def __post_init__(self) -> None:
+        check_at_least(self, ("grid",), 1)
+        self._check_common()

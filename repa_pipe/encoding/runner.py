@@ -1,0 +1,200 @@
+"""What encode-latents and encode-features share: check everything, then (rank 0, holding the array's lock)
+create the cache and the array once, then run a model over every shard this rank owns and is not done,
+writing whole shards.
+
+Batches never cross a shard boundary, so a shard's bytes do not depend on how many ranks ran or on which
+shards were already done: a resumed or multi-process run writes the same cache as one uninterrupted run.
+SIGINT/SIGTERM stop at the next batch boundary; every finished shard is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from rich.markup import escape
+from torch.utils.data import DataLoader
+
+from repa_pipe.cache import writer
+from repa_pipe.cache.lock import ArrayLock
+from repa_pipe.cache.manifest import ArraySpec, BadRow, Manifest, is_cache, read_manifest
+from repa_pipe.cache.sources import (ImageSource, PreprocessedBatch, PreprocessedImages, collate_preprocessed,
+                                     open_source)
+from repa_pipe.encoding.config import DEFAULT_RESOLUTION, EncodeFeaturesConfig, EncodeLatentsConfig
+from repa_pipe.pipeline import dist
+from repa_pipe.pipeline.errors import BadInputError, RepaError
+from repa_pipe.pipeline.precision import autocast
+from repa_pipe.pipeline.progress import Tracker, log
+from repa_pipe.pipeline.signals import StopOnSignal, Stopped, loader_worker_init
+
+# (uint8 images (B, 3, H, W) on the device) -> float rows (B, *row_shape)
+ModelFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EncodeJob:
+    """One array to fill from one source."""
+
+    cache: Path
+    source: ImageSource
+    resolution: int
+    shard_size: Optional[int]      # None: the cache's, or the default for a new cache
+    batch_size: int
+    workers: int
+    skip_bad: bool
+    max_pixels: Optional[int]
+    desc: str
+
+
+def open_checked_source(cfg: EncodeLatentsConfig | EncodeFeaturesConfig) -> ImageSource:
+    """The source of an encode command, listed, with its warnings printed once."""
+    source = open_source(cfg.source, cfg.num_classes)
+    for w in source.warnings:
+        log(f"[yellow]warning:[/] {escape(w)}")
+    return source
+
+
+def job_from(cfg: EncodeLatentsConfig | EncodeFeaturesConfig, source: ImageSource, resolution: int,
+             desc: str) -> EncodeJob:
+    return EncodeJob(Path(cfg.cache), source, resolution, cfg.shard_size, cfg.batch_size, cfg.workers,
+                     cfg.skip_bad, int(cfg.max_megapixels * 1e6), desc)
+
+
+def existing_manifest(cache: Path) -> Optional[Manifest]:
+    """The cache's manifest if CACHE is already a cache, None if it is new (or an empty folder)."""
+    return read_manifest(cache) if is_cache(cache) else None
+
+
+def resolve_resolution(cache: Path, asked: Optional[int]) -> int:
+    if asked is not None:
+        return asked
+    m = existing_manifest(cache)
+    return m.resolution if m else DEFAULT_RESOLUTION
+
+
+def precheck(job: EncodeJob, spec: ArraySpec) -> None:
+    """Every check that can refuse the job, before anything is written: the folder, the cache's images,
+    resolution and shard size, and an existing array's spec."""
+    writer.check_target(job.cache)
+    m = existing_manifest(job.cache)
+    if m is not None:
+        writer.check_same(m, job.source.dataset(), job.resolution, job.shard_size, job.cache)
+        writer.check_spec(m, spec, job.cache)
+
+
+def run_job(job: EncodeJob, spec: ArraySpec, forward: ModelFn, precision: str) -> None:
+    """Create (or check) the array, then encode every pending shard with `forward` under `precision`."""
+    precheck(job, spec)
+    lock = ArrayLock(job.cache, spec.name)
+
+    def create() -> None:
+        lock.acquire()  # refuses a second job writing this array, naming the holder
+        src = job.source
+        writer.open_or_create(job.cache, src.dataset(), list(src.keys), np.asarray(src.labels), job.resolution,
+                              job.shard_size)
+        writer.ensure_array(job.cache, spec)
+        if writer.clean_array_debris(job.cache, spec.name):
+            log(f"{job.desc}: removed temp files of an interrupted run")
+
+    amp = autocast(precision, dist.device())
+
+    def model_fn(x: torch.Tensor) -> torch.Tensor:
+        with amp:
+            return forward(x)
+
+    try:
+        dist.run_on_rank0(create)
+        encode_shards(job, spec.name, read_manifest(job.cache), model_fn)
+    finally:
+        lock.release()
+
+
+def _shard_batches(ranges: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    return [list(range(s, min(s + batch_size, e))) for s, e in ranges for s in range(s, e, batch_size)]
+
+
+def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
+    """Whole-shard ownership: rank r writes shards k = r mod world_size, never a row of any other."""
+    return list(range(rank, n_shards, world_size))
+
+
+def encode_shards(job: EncodeJob, name: str, manifest: Manifest, model_fn: ModelFn) -> None:
+    """Fill every pending shard this rank owns; then rank 0 finalizes. Errors on any rank stop all ranks,
+    after every rank has kept the shards it finished."""
+    w = writer.ShardWriter(job.cache, manifest, name)
+    todo = set(w.pending(range(w.num_shards)))  # reads every done marker once
+    mine = [k for k in owned_shards(w.num_shards, dist.get_rank(), dist.get_world_size()) if k in todo]
+    log(f"{job.desc}: {w.num_shards - len(todo)}/{w.num_shards} shards already done; "
+        f"{dist.get_world_size()} process(es)")
+    err: Optional[RepaError] = None
+    with StopOnSignal() as stop:
+        try:
+            _encode_owned(job, w, mine, model_fn, stop)
+        except RepaError as e:
+            err = e
+    errors = [e for e in dist.all_gather_object(err) if e is not None]
+    final = None
+    if dist.is_main() and (not errors or all(isinstance(e, Stopped) for e in errors)):
+        final = writer.finalize(job.cache, name).array(name)
+    if errors:
+        first = errors[0]
+        if isinstance(first, Stopped) and final is not None:
+            raise Stopped(f"stopped by {first}: {final.shards_done}/{w.num_shards} shards of {name} are done and "
+                          "kept; run the same command to resume", first.signum)
+        raise first
+    if final is not None:
+        bad = len(final.bad)
+        log(f"{job.desc}: {name} {final.status} ({final.shards_done}/{w.num_shards} shards"
+            + (f", {bad} bad sample(s) recorded" if bad else "") + ")")
+    dist.barrier()
+
+
+def _encode_owned(job: EncodeJob, w: writer.ShardWriter, shards: list[int], model_fn: ModelFn,
+                  stop: StopOnSignal) -> None:
+    ranges = [w.manifest.shard_range(k) for k in shards]
+    if not ranges:
+        return
+    # Identity index map: the batch sampler yields source indices directly.
+    dataset = PreprocessedImages(job.source, np.arange(w.manifest.n), job.resolution, job.max_pixels)
+    loader = DataLoader(dataset, batch_sampler=_shard_batches(ranges, job.batch_size), num_workers=job.workers,
+                        collate_fn=collate_preprocessed, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=False, prefetch_factor=4 if job.workers else None,
+                        worker_init_fn=loader_worker_init if job.workers else None)
+    row_shape = w.spec.row_shape
+    it = iter(loader)
+    with Tracker(job.desc, sum(e - s for s, e in ranges)) as bar:
+        for k, (start, stop_row) in zip(shards, ranges):
+            buf = np.full((stop_row - start, *row_shape), np.nan, dtype=w.spec.dtype)
+            bad: list[BadRow] = []
+            for _ in range(start, stop_row, job.batch_size):
+                if stop.requested:
+                    raise Stopped(stop.name, stop.signum)
+                batch = next(it)
+                _encode_batch(job, batch, start, buf, bad, model_fn, w.spec)
+                bar.update(len(batch.indices))
+            w.write(k, buf, bad)
+
+
+def _encode_batch(job: EncodeJob, batch: PreprocessedBatch, shard_start: int, buf: np.ndarray,
+                  bad: list[BadRow], model_fn: ModelFn, spec: ArraySpec) -> None:
+    for index, ok, reason in zip(batch.indices, batch.valid, batch.reasons):
+        if ok:
+            continue
+        where = job.source.where(int(index))
+        if not job.skip_bad:
+            raise BadInputError(f"{where}: {reason} (sample {index}; pass --skip-bad to record it and go on; "
+                                "finished shards are kept)")
+        bad.append(BadRow(index=int(index), key=job.source.keys[index], path=where, reason=reason))
+    if not batch.valid.any():
+        return
+    x = torch.from_numpy(batch.images[batch.valid]).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+    with torch.inference_mode():
+        out = model_fn(x.to(dist.device(), non_blocking=True)).to(getattr(torch, spec.dtype))
+        finite = torch.isfinite(out.flatten(1)).all(dim=1).cpu().numpy()  # on the device: no host pass
+    if not finite.all():
+        first = int(batch.indices[batch.valid][~finite][0])
+        raise BadInputError(f"{job.source.where(first)}: {spec.model.name} gave NaN or Inf for this image (in "
+                            f"{spec.dtype}); try --precision fp32, or --dtype float32 for values beyond float16")
+    buf[batch.indices[batch.valid] - shard_start] = out.float().cpu().numpy()

@@ -1,0 +1,109 @@
+"""What a training run is at a step: model, EMA, optimizer, grad scaler and the step (the data position)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repa_pipe.cache.manifest import TrainingView
+from repa_pipe.models.sit import SiT, build_sit
+from repa_pipe.pipeline import checkpoint
+from repa_pipe.pipeline.config import to_dict
+from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
+from repa_pipe.training.config import TrainConfig
+
+CKPT_FORMAT = "repa-pipe-train/1"
+# Cache facts the model's shapes and the data stream depend on: a resumed run must see the same.
+VIEW_FIXED = ("latent_channels", "latent_size", "scaling_factor", "feature_dims", "feature_tokens", "num_classes",
+              "n")
+
+
+@dataclass
+class State:
+    """Everything that changes during training, beside the data position (which is the step)."""
+
+    model: SiT
+    ema: SiT
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+    def state_dict(self, cfg: TrainConfig, view: TrainingView) -> dict[str, Any]:
+        """Tensors and plain values only, so the file loads with torch.load(weights_only=True)."""
+        return {"format": CKPT_FORMAT, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "rng": rng_state(), "sampler": {"seed": cfg.seed, "step": self.step},
+                "config": to_dict(cfg), "cache_spec": view.to_json()}
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states. Training draws nothing from them (every draw comes from (seed, step)); saved so a
+    resumed process starts in the same global state as the interrupted one."""
+    out: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def build_model(cfg: TrainConfig, view: TrainingView) -> SiT:
+    """The SiT of `cfg.model` on the cache's latents, with one projector per aligned encoder."""
+    model = build_sit(cfg.model, input_size=view.latent_size, in_channels=view.latent_channels,
+                      num_classes=view.num_classes, encoder_depth=cfg.align_depth, z_dims=view.feature_dims,
+                      projector_dim=cfg.projector_dim, attn_backend=cfg.attn_backend)
+    check_model_fits(view, model.num_tokens, cfg.model)
+    return model
+
+
+def check_model_fits(view: TrainingView, model_tokens: int, model_desc: str) -> None:
+    """Token grid of each feature array vs the model's tokens: one clear error naming both."""
+    for name, t in zip(view.features, view.feature_tokens):
+        if t != model_tokens:
+            g, mg = int(round(t ** 0.5)), int(round(model_tokens ** 0.5))
+            raise CacheMismatchError(
+                f"{name} has a {g}x{g} token grid ({t} tokens) but {model_desc} on {view.latent_size}x"
+                f"{view.latent_size} latents has {mg}x{mg} ({model_tokens}); re-encode features with --grid {mg} "
+                "or pick a model with another patch size")
+
+
+def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device) -> State:
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = build_model(cfg, view).to(device)
+    ema = build_model(cfg, view).to(device)
+    ema.load_state_dict(model.state_dict())  # EMA starts as an exact copy (reference: update_ema(decay=0))
+    ema.requires_grad_(False).eval()
+    # Reference optimizer: AdamW(lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay); pos_embed is frozen.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999),
+                            eps=1e-8, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return State(model, ema, opt, scaler)
+
+
+def read_checkpoint(path: Path, view: TrainingView) -> dict[str, Any]:
+    """A training checkpoint of this run, checked against the cache it is resumed on."""
+    ck = checkpoint.load(path)
+    if ck.get("format") != CKPT_FORMAT:
+        raise ConfigError(f"{path}: not a repa-pipe training checkpoint; use another --run-dir")
+    saved, now = ck.get("cache_spec", {}), view.to_json()
+    diff = [f"cache {k} {saved.get(k)!r} (now {now[k]!r})" for k in VIEW_FIXED if k in saved and saved[k] != now[k]]
+    if diff:
+        raise ConfigError(f"{path} was trained on another cache: {', '.join(diff)}; use another --run-dir or the "
+                          "run's own cache")
+    return ck
+
+
+def load_into(state: State, ck: dict[str, Any], cfg: TrainConfig) -> None:
+    """Restore `state` from checkpoint `ck`; the command's --lr applies from here on."""
+    state.model.load_state_dict(ck["model"])
+    state.ema.load_state_dict(ck["ema"])
+    state.opt.load_state_dict(ck["opt"])
+    for group in state.opt.param_groups:
+        group["lr"] = cfg.lr
+    # A disabled scaler (bf16/fp32) saves {}; loading that into an enabled one (switch to fp16) would fail.
+    if ck["scaler"] and state.scaler.is_enabled():
+        state.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if "cuda" in ck["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    state.step = int(ck["step"])

@@ -1,0 +1,123 @@
+"""Training input: the batch for each step, and the step's random draws.
+
+Every random draw of a step (posterior eps, diffusion noise, time, label dropout) is made for the whole
+global batch from a generator seeded by (seed, step), then sliced by rank. The draws therefore belong to the
+sample's position in the global batch, not to the rank: 2 ranks x 4 rows train like 1 rank x 8, and a resumed
+run repeats exactly the draws of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from repa_pipe.cache.manifest import TrainingView
+from repa_pipe.cache.reader import CacheReader, IndexSampler
+from repa_pipe.pipeline.seeding import step_seed
+
+
+def draw_step(seed: int, step: int, global_batch: int, latent_shape: tuple[int, ...], label_dropout: float,
+              ) -> dict[str, torch.Tensor]:
+    """The random draws of one global batch: (G, C, h, w) posterior eps and diffusion noise, (G,) base normals /
+    uniforms for time, (G,) bool label drop."""
+    g = torch.Generator().manual_seed(step_seed(seed, step))
+    shape = (global_batch, *latent_shape)
+    return {"eps": torch.randn(shape, generator=g), "noise": torch.randn(shape, generator=g),
+            "t_uniform": torch.rand(global_batch, generator=g, dtype=torch.float64).float(),
+            "t_normal": torch.randn(global_batch, generator=g),
+            "drop": torch.rand(global_batch, generator=g) < label_dropout}
+
+
+@dataclass
+class Batch:
+    step: int
+    moments: torch.Tensor         # (B, 2C, h, w) float32
+    features: list[torch.Tensor]  # per encoder (B, T, D)
+    labels: torch.Tensor          # (B,) int64
+    draws: dict[str, torch.Tensor]
+
+
+class BatchStream:
+    """Background thread that gathers step s+1's rows and draws while step s computes (pread and torch's RNG
+    release the GIL)."""
+
+    def __init__(self, root: Path, spec: TrainingView, global_batch: int, seed: int, rank: int, world: int,
+                 label_dropout: float, start_step: int, end_step: int, prefetch: int = 3, threads: int = 8):
+        self.reader = CacheReader(root, [spec.latents, *spec.features], threads=threads)
+        self.sampler = IndexSampler(self.reader.valid_indices(), global_batch, seed, rank, world)
+        self.spec, self.seed, self.dropout = spec, seed, label_dropout
+        self.lo = rank * (global_batch // world)
+        self.hi = self.lo + global_batch // world
+        self.global_batch = global_batch
+        self.pin = torch.cuda.is_available()
+        self.q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.wait_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(start_step, end_step), daemon=True)
+        # The loader thread re-takes the GIL around each of ~2 preads per row; with Python's default 5 ms switch
+        # interval a busy training thread can hold it that long each time (bench/loader.py: 19% wait -> 0.3%).
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, 5e-4))
+        self._thread.start()
+
+    def _make(self, step: int) -> Batch:
+        rows = self.sampler.batch_at(step)
+        got = self.reader.gather(rows)
+        draws = draw_step(self.seed, step, self.global_batch,
+                          (self.spec.latent_channels, self.spec.latent_size, self.spec.latent_size), self.dropout)
+        draws = {k: v[self.lo:self.hi] for k, v in draws.items()}
+        t = lambda a: torch.from_numpy(a).pin_memory() if self.pin else torch.from_numpy(a)  # noqa: E731
+        return Batch(step, t(got[self.spec.latents].astype(np.float32, copy=False)),
+                     [t(got[f]) for f in self.spec.features], torch.from_numpy(got["labels"]), draws)
+
+    def _put(self, item: Batch | BaseException) -> bool:
+        """Queue `item` unless the stream is closed meanwhile (then False: the consumer is gone)."""
+        while not self._stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, start: int, end: int) -> None:
+        try:
+            for step in range(start, end):
+                if not self._put(self._make(step)):
+                    return
+        except BaseException as e:  # surface loader errors in the training thread
+            self._put(e)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        t0 = time.perf_counter()
+        item = self.q.get()
+        self.wait_s += time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def nonfinite_rows(self, step: int) -> list[str]:
+        """'array row i' for each row this rank read at (1-based) `step` that holds NaN or Inf."""
+        rows = self.sampler.batch_at(step - 1)
+        got = self.reader.gather(rows)
+        out = []
+        for name in (self.spec.latents, *self.spec.features):
+            flat = got[name].reshape(len(rows), -1).astype(np.float32, copy=False)
+            out += [f"{name} row {r}" for r in rows[~np.isfinite(flat).all(axis=1)]]
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.reader.close()
+        sys.setswitchinterval(self._switch)
