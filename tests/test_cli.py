@@ -18,11 +18,14 @@ from repa_pipe.cli import app
 
 # command -> (module, config dataclass) for every stage command that builds a config from its options
 CONFIGS = {
-    "encode-latents": ("repa_pipe.stages.encode_latents", "EncodeLatentsConfig"),
-    "encode-features": ("repa_pipe.stages.encode_features", "EncodeFeaturesConfig"),
-    "train": ("repa_pipe.stages.train", "TrainConfig"),
-    "demo": ("repa_pipe.stages.demo", "DemoConfig"),
-    "sample-eval": ("repa_pipe.stages.sample_eval", "SampleEvalConfig"),
+    "encode-latents": ("repa_pipe.encoding.config", "EncodeLatentsConfig"),
+    "encode-features": ("repa_pipe.encoding.config", "EncodeFeaturesConfig"),
+    "train": ("repa_pipe.training.config", "TrainConfig"),
+    "demo": ("repa_pipe.demo.config", "DemoConfig"),
+    "sample-eval": ("repa_pipe.sampling.config", "SampleEvalConfig"),
+    "export": ("repa_pipe.sampling.config", "ExportConfig"),
+    "cache info": ("repa_pipe.cache.options", "CacheInfoConfig"),
+    "cache verify": ("repa_pipe.cache.options", "CacheVerifyConfig"),
 }
 
 
@@ -57,10 +60,17 @@ def _norm(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n in root_command().commands or n != "sample-eval"])
+def command_at(path: str):
+    cmd = root_command()
+    for part in path.split():
+        cmd = cmd.commands.get(part)
+        assert cmd is not None, f"no `{path}` command"
+    return cmd
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_command_options_match_config_dataclass(name):
-    cmd = root_command().commands.get(name)
-    assert cmd is not None, f"no `{name}` command"
+    cmd = command_at(name)
     module, cls_name = CONFIGS[name]
     cls = getattr(importlib.import_module(module), cls_name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -164,12 +174,12 @@ def test_cache_info_shows_arrays_progress_and_provenance(cache):
         model_line = next(line for line in out.splitlines() if line.startswith(f"{name}: model"))
         assert ("random init" in model_line) == random_init, model_line
     m = json.loads((cache / "manifest.json").read_text())
-    assert m["arrays"]["features/tiny"]["model"]["weights_hash"] in out
+    assert m["arrays"]["features/tiny"]["spec"]["model"]["weights_hash"] in out
 
 
 def test_cache_info_json_parses_and_matches_the_cache(cache):
     info = json.loads(ok(["cache", "info", cache, "--json"]).stdout)
-    assert info["dataset"]["N"] == 10 and info["num_shards"] == 3 and info["shard_size"] == 4
+    assert info["dataset"]["n"] == 10 and info["num_shards"] == 3 and info["shard_size"] == 4
     arrays = {a["name"]: a for a in info["arrays"]}
     assert set(arrays) == set(EXPECTED)
     for name, (shape, dtype, itemsize, random_init) in EXPECTED.items():
@@ -191,4 +201,4 @@ def test_cache_verify_detects_a_changed_shard(cache, tmp_path):
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
     r = invoke(["cache", "verify", copy])
-    assert r.exit_code == 1 and "features/tiny: shard 1 changed" in r.output, r.output
+    assert r.exit_code == 1 and "features/tiny: shard 1: checksum mismatch in 1 row(s) [4]" in r.output, r.output

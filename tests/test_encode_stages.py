@@ -97,8 +97,8 @@ def test_cache_holds_direct_model_outputs_and_index(folder, tiny_cache, x):
     assert layout.read_keys(tiny_cache) == keys
     np.testing.assert_array_equal(np.load(tiny_cache / "index" / "labels.npy"), labels)
     m = json.loads((tiny_cache / "manifest.json").read_text())
-    assert m["dataset"]["N"] == 24 and m["dataset"]["class_names"] == ["cat", "dog", "eel"]
-    assert m["shard_size"] == SHARD and m["num_shards"] == 3 and m["preprocessing"]["resolution"] == RES
+    assert m["dataset"]["n"] == 24 and m["dataset"]["class_names"] == ["cat", "dog", "eel"]
+    assert m["shard_size"] == SHARD and m["num_shards"] == 3 and m["resolution"] == RES
 
     lat = read_array(tiny_cache, "latents/tiny")
     want = load_codec("tiny").encode_moments(x).numpy()
@@ -106,14 +106,15 @@ def test_cache_holds_direct_model_outputs_and_index(folder, tiny_cache, x):
     np.testing.assert_allclose(lat, want, rtol=1e-5, atol=1e-6)
     assert (lat[:, 4:] > 0).all()  # second half of the channels is the posterior std
     e = m["arrays"]["latents/tiny"]
-    assert e["extra"]["moments"] == "mean_std" and e["extra"]["scaling_factor"] == 0.18215
-    assert e["status"] == "complete" and e["model"]["random_init"] is True
+    assert e["spec"]["latent"]["moments"] == "mean_std" and e["spec"]["latent"]["scaling_factor"] == 0.18215
+    assert e["status"] == "complete" and e["spec"]["model"]["random_init"] is True
+    assert e["spec"]["row_codec"] == "bytes+crc32c"
 
     feats = read_array(tiny_cache, "features/tiny")
     want_f = load_encoder("tiny", grid=2)(x).numpy()
     assert feats.dtype == np.float16 and feats.shape == (24, 4, 64) == want_f.shape
     np.testing.assert_allclose(feats.astype(np.float32), want_f, rtol=2e-3, atol=2e-3)
-    assert m["arrays"]["features/tiny"]["extra"]["grid"] == 2
+    assert m["arrays"]["features/tiny"]["spec"]["feature"]["grid"] == 2
 
     # the training reader returns the same rows and labels
     r = CacheReader(tiny_cache, ["latents/tiny", "features/tiny"], threads=1)
@@ -145,8 +146,8 @@ def test_vae_weights_folder_loads_through_cli_without_download(folder, x, tmp_pa
     want = torch.cat([d.mean, d.std], 1).numpy()
     got = read_array(cache, "latents/sd-vae-ft-ema")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    model = json.loads((cache / "manifest.json").read_text())["arrays"]["latents/sd-vae-ft-ema"]["model"]
-    assert model["random_init"] is False and model["id"] == str(weights.resolve())
+    model = json.loads((cache / "manifest.json").read_text())["arrays"]["latents/sd-vae-ft-ema"]["spec"]["model"]
+    assert model["random_init"] is False and model["weights_id"] == str(weights.resolve())
 
 
 def test_tiny_encoder_weights_file_loads_through_cli(folder, x, tmp_path, monkeypatch):
@@ -167,8 +168,8 @@ def test_tiny_encoder_weights_file_loads_through_cli(folder, x, tmp_path, monkey
     assert got.shape == (24, 9, 64)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
     assert not np.allclose(got, FE.load_encoder("tiny", grid=3)(x).numpy(), atol=1e-2)  # the file was used
-    model = json.loads((cache / "manifest.json").read_text())["arrays"]["features/tiny"]["model"]
-    assert model["random_init"] is False and model["id"] == str(path.resolve())
+    model = json.loads((cache / "manifest.json").read_text())["arrays"]["features/tiny"]["spec"]["model"]
+    assert model["random_init"] is False and model["weights_id"] == str(path.resolve())
 
 
 def test_dinov2_b_weights_file_loads_through_cli(folder, x, tmp_path, monkeypatch):
@@ -294,7 +295,7 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process(folder, tmp_path):
         assert p.returncode == 0, p.stdout + p.stderr
         assert "2 process(es)" in p.stderr, p.stderr
         # not a terminal: plain progress lines "N/M (x img/s, eta Ts)", from rank 0 only (its 3 shards = 12 images)
-        lines = re.findall(rf"^{stage} tiny: (\d+)/(\d+) \([\d.]+ img/s, eta \d+s\)$", p.stderr, re.M)
+        lines = re.findall(rf"^{stage} tiny: (\d+)/(\d+) img \([\d.]+ img/s, eta \w+\)$", p.stderr, re.M)
         assert lines and {tot for _, tot in lines} == {"12"} and lines[-1][0] == "12", p.stderr
 
     for name in ("latents/tiny", "features/tiny"):
@@ -403,7 +404,7 @@ def test_skip_bad_records_every_kind_with_reason(tmp_path):
     cache = tmp_path / "cache"
     r = ok(latents_cmd(src, cache, "pixel", "--skip-bad", shard=4, batch=3))
     flat = " ".join(r.output.split())  # log lines are wrapped by rich at 80 columns off a terminal
-    assert "4 bad image(s) recorded" in flat and "non-image file" in flat, r.output
+    assert "4 bad sample(s) recorded" in flat and "non-image file" in flat, r.output
     bad = json.loads((cache / "manifest.json").read_text())["arrays"]["latents/pixel"]["bad"]
     assert [b["index"] for b in bad] == sorted(kinds)
     for b in bad:
@@ -559,7 +560,7 @@ def test_progress_prints_plain_periodic_lines_when_not_a_terminal(folder, tmp_pa
     monkeypatch.setattr(progress.Tracker.__init__, "__defaults__", (defaults[0], 0.0, *defaults[2:]))
     r = ok(latents_cmd(folder, tmp_path / "cache", "pixel"))
     assert "\x1b[" not in r.output  # no terminal control codes in a log file
-    lines = re.findall(r"^encode-latents pixel: (\d+)/24 \(([\d.]+) img/s, eta (\d+)s\)$", r.output, re.M)
+    lines = re.findall(r"^encode-latents pixel: (\d+)/24 img \(([\d.]+) img/s, eta (\d+)s\)$", r.output, re.M)
     done = [int(d) for d, _, _ in lines]
     # one line per batch of 5 within shards of 8: 5, 8, 13, 16, 21, 24
     assert done == [5, 8, 13, 16, 21, 24], r.output
@@ -590,4 +591,4 @@ def test_webdataset_tars_encode_like_the_imagefolder(folder, tiny_cache, tmp_pat
     np.testing.assert_allclose(read_array(cache, "latents/tiny")[perm], read_array(tiny_cache, "latents/tiny"),
                                rtol=1e-5, atol=1e-6)
     m = json.loads((cache / "manifest.json").read_text())
-    assert m["dataset"]["kind"] == "webdataset" and m["dataset"]["shards"] == ["part-0.tar", "part-1.tar", "part-2.tar"]
+    assert m["dataset"]["kind"] == "webdataset" and m["dataset"]["n"] == 24

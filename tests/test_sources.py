@@ -21,8 +21,8 @@ from repa_pipe.cache.sources import (
     collate_preprocessed,
     load_preprocessed,
     open_source,
-    write_digits_imagefolder,
 )
+from repa_pipe.demo.digits import write_digits_imagefolder
 from repa_pipe.pipeline.errors import BadInputError
 
 RNG = np.random.default_rng(1234)
@@ -122,10 +122,10 @@ def test_imagefolder_listing(folder: Path):
     for i in range(len(src)):
         img = src.read(i)
         assert img.mode == "RGB" and img.size == (40, 30)
-    d = src.describe()
-    assert d["kind"] == "imagefolder" and d["N"] == 6 and d["num_classes"] == 4
-    assert len(d["file_list_sha256"]) == 64 and len(d["labels_sha256"]) == 64
-    assert d == open_source(str(folder)).describe()  # stable
+    d = src.dataset()
+    assert d.kind == "imagefolder" and d.n == 6 and d.num_classes == 4
+    assert len(d.file_list_sha256) == 64 and len(d.labels_sha256) == 64
+    assert d == open_source(str(folder)).dataset()  # stable
 
 
 def test_imagefolder_errors(tmp_path: Path):
@@ -182,8 +182,8 @@ def test_webdataset_folder_pattern_single(shards: Path):
         ia, ib = a.read(i), b.read(i)
         assert ia.mode == "RGB" and ia.size == (24 + i, 20)
         np.testing.assert_array_equal(np.asarray(ia), np.asarray(ib))
-    da, db = a.describe(), b.describe()
-    assert {k: v for k, v in da.items() if k != "root"} == {k: v for k, v in db.items() if k != "root"}
+    da, db = a.dataset(), b.dataset()
+    assert da.same_images(db) is None and (da.num_classes, da.notes) == (db.num_classes, db.notes)
     single = open_source(str(shards / "shard-000001.tar"))
     assert single.keys == want_keys[3:] and single.labels.tolist() == [7, 1, -1]
     np.testing.assert_array_equal(np.asarray(single.read(0)), np.asarray(a.read(3)))
@@ -339,14 +339,14 @@ def test_digits_imagefolder(digits_dir: Path):
 def test_digits_idempotent(digits_dir: Path):
     files = sorted(digits_dir.rglob("*.png"))
     before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
-    desc = open_source(str(digits_dir)).describe()
+    desc = open_source(str(digits_dir)).dataset()
     assert write_digits_imagefolder(digits_dir, size=32) == digits_dir
     assert sorted(digits_dir.rglob("*.png")) == files
     assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before
     (files[3]).unlink()  # an interrupted run: the missing file is written again, byte-identical
     write_digits_imagefolder(digits_dir, size=32)
     assert files[3].read_bytes() == before[files[3]][1]
-    assert open_source(str(digits_dir)).describe() == desc
+    assert open_source(str(digits_dir)).dataset() == desc
 
 
 # ---------------------------------------------------------------- DataLoader helper
@@ -365,9 +365,9 @@ def test_preprocessed_images_dataloader(tmp_path: Path, shards: Path):
         bad = [i for i in range(len(src)) if "broken" in src.keys[i] or i in src.known_bad]
         assert len(bad) == 1
         indices = list(range(len(src)))[::-1]
-        ds = PreprocessedImages(src, indices, 16, skip_bad=True)
+        ds = PreprocessedImages(src, indices, 16)
         loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_preprocessed)
-        batches = [ds.check(b) for b in loader]
+        batches = list(loader)
         got_idx = np.concatenate([b.indices for b in batches])
         assert got_idx.tolist() == indices
         images = np.concatenate([b.images for b in batches])
@@ -381,17 +381,12 @@ def test_preprocessed_images_dataloader(tmp_path: Path, shards: Path):
             else:
                 assert valid[j] and reasons[j] is None
                 np.testing.assert_array_equal(images[j], load_preprocessed(src, i, 16))
-        strict = PreprocessedImages(src, indices, 16, skip_bad=False)
-        item = strict[indices.index(bad[0])]
+        item = ds[indices.index(bad[0])]
         assert item == (bad[0], None, e.value.reason)
-        everything = PreprocessedImages(src, None, 16, skip_bad=False)  # None = all samples, item j is sample j
+        everything = PreprocessedImages(src, None, 16)  # None = all samples, item j is sample j
         assert len(everything) == len(src) and everything[bad[0]] == item
         good = next(j for j, i in enumerate(indices) if i not in bad)
         np.testing.assert_array_equal(everything[indices[good]][1], images[good])
-        with pytest.raises(BadInputError, match=src.where(bad[0]).replace(".", r"\.")):
-            for b in torch.utils.data.DataLoader(strict, batch_size=4, num_workers=2,
-                                                 collate_fn=collate_preprocessed):
-                strict.check(b)
 
 
 def test_cache_sources_do_not_import_models():

@@ -24,9 +24,15 @@ from repa_pipe.cache.reader import IndexSampler
 from repa_pipe.cli import app
 from repa_pipe.models import transport
 from repa_pipe.models.sit import build_sit
+from repa_pipe.cache.manifest import TrainingView, read_manifest, training_view
+from repa_pipe.cache.reader import check_labels
 from repa_pipe.pipeline import checkpoint
-from repa_pipe.stages import train, train_data
-from repa_pipe.stages.train import TrainConfig
+from repa_pipe.pipeline.errors import CheckpointError
+from repa_pipe.stages import train
+from repa_pipe.training import state as st
+from repa_pipe.training import step as stp
+from repa_pipe.training import stream as train_data
+from repa_pipe.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import SD_SCALE, CacheOpts, Features, Latents, make_cache  # noqa: E402
@@ -49,7 +55,16 @@ def one_thread():
 
 
 def tiny(cache: Path, run: Path, **kw) -> TrainConfig:
-    return TrainConfig(cache=cache, run=run, **{**TINY, **kw})
+    return TrainConfig(cache=cache, run_dir=run, **{**TINY, **kw})
+
+
+def view_of(cache: Path, encoders=("dinov2-b",), latents=None) -> TrainingView:
+    m = read_manifest(cache)
+    return training_view(m, check_labels(cache, m), latents, tuple(encoders))
+
+
+def fwd_bwd(cfg: TrainConfig, view: TrainingView, state, batch, micro: int):
+    return stp.forward_backward(cfg, view, state, stp.Runtime(state.model, None, micro, torch.device("cpu")), batch)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -152,9 +167,9 @@ def test_two_gloo_ranks_match_one_process_and_accumulation(cache, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     ddp_run = tmp_path / "ddp"
     proc = subprocess.run(
-        # "--": without it torchrun's own parser takes our --run for an abbreviation of its --run-path
-        [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "repa_pipe.cli", "--", "train",
-         "--cache", str(cache), "--run", str(ddp_run), "--encoder", "dinov2-b", "--steps", str(steps), *TINY_ARGS],
+        # exactly as a user types it: no "--" before the subcommand
+        [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "repa_pipe.cli", "train",
+         "--cache", str(cache), "--run-dir", str(ddp_run), "--encoder", "dinov2-b", "--steps", str(steps), *TINY_ARGS],
         env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, accum = tmp_path / "one", tmp_path / "accum"
@@ -190,7 +205,7 @@ def mixed_cache(tmp_path_factory) -> Path:
     (["--latents", "pixel", "--encoder", "dinov2-l"], None, "no array features/dinov2-l in the cache"),
     (["--latents", "tiny"], None, "no array latents/tiny in the cache"),
     (["--latents", "pixel", "--encoder", "mae-l"], None, "features/mae-l is not complete (1/2 shards done)"),
-    ([], None, "several latents: latents/pixel, latents/sd-vae-ft-ema; pass --latents"),
+    ([], None, "several latents (latents/pixel, latents/sd-vae-ft-ema); pass --latents"),
     (["--latents", "pixel", "--micro-batch-size", "3"], None, "not divisible by --micro-batch-size 3"),
     (["--latents", "pixel"], {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"},
      "--global-batch-size 8 is not divisible by 3 processes"),
@@ -199,7 +214,7 @@ def mixed_cache(tmp_path_factory) -> Path:
 ], ids=["token-grid", "encoder-missing", "latents-missing", "incomplete", "several-latents", "micro-batch",
         "world-size", "batch-too-big"])
 def test_manifest_mismatch_is_one_clear_error(mixed_cache, tmp_path, args, env, expect):
-    base = ["train", "--cache", mixed_cache, "--run", tmp_path / "run", "--steps", "1", *TINY_ARGS]
+    base = ["train", "--cache", mixed_cache, "--run-dir", tmp_path / "run", "--steps", "1", *TINY_ARGS]
     if "--encoder" not in args:
         base += ["--encoder", "dinov2-b"]
     line = error_line(cli(*base, *args, env=env))
@@ -209,7 +224,7 @@ def test_manifest_mismatch_is_one_clear_error(mixed_cache, tmp_path, args, env, 
 
 def test_cache_without_latents_is_one_clear_error(tmp_path):
     c = make_cache(tmp_path / "c", CacheOpts(latents=()))
-    line = error_line(cli("train", "--cache", c, "--run", tmp_path / "run", "--encoder", "dinov2-b", *TINY_ARGS))
+    line = error_line(cli("train", "--cache", c, "--run-dir", tmp_path / "run", "--encoder", "dinov2-b", *TINY_ARGS))
     assert "no latents; run encode-latents first" in line
 
 
@@ -220,7 +235,7 @@ def test_cache_without_latents_is_one_clear_error(tmp_path):
 ], ids=["model", "encoder", "latents"])
 def test_resume_with_other_settings_is_refused(mixed_cache, tmp_path, change, expect):
     run = tmp_path / "run"
-    first = ["train", "--cache", mixed_cache, "--run", run, "--steps", "1", "--latents", "pixel", *TINY_ARGS]
+    first = ["train", "--cache", mixed_cache, "--run-dir", run, "--steps", "1", "--latents", "pixel", *TINY_ARGS]
     assert cli(*first, "--encoder", "dinov2-b").exit_code == 0
     again = [*first, "--steps", "2", *change] + ([] if "--encoder" in change else ["--encoder", "dinov2-b"])
     line = error_line(cli(*again))
@@ -253,12 +268,11 @@ def test_trains_with_encoders_and_vae_encoder_impossible(cache, tmp_path, monkey
 def test_unavailable_preview_decoder_does_not_stop_training(cache, tmp_path, monkeypatch, capsys):
     """E.g. SD-VAE latents on a machine without the VAE weights: previews are skipped with one warning."""
     from repa_pipe.pipeline.errors import MissingWeightsError
-    from repa_pipe.stages import decode
 
     def missing(*a, **k):
         raise MissingWeightsError("codec sd-vae-ft-ema: weights not here; pass --vae-weights DIR")
 
-    monkeypatch.setattr(decode, "latent_decoder", missing)
+    monkeypatch.setattr(train, "make_decoder", missing)
     run = tmp_path / "run"
     train.run(tiny(cache, run, steps=4, sample_every=2))
     assert checkpoint.latest(run) == checkpoint.ckpt_path(run, 4)
@@ -297,7 +311,7 @@ def test_non_finite_stops_naming_the_step_and_keeps_the_last_checkpoint(cache, t
 
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
     # log/checkpoint every 4: the NaN at step 7 is caught at the step-8 boundary, and step 7 is named
-    line = error_line(cli("train", "--cache", cache, "--run", run, "--encoder", "dinov2-b", "--steps", "12",
+    line = error_line(cli("train", "--cache", cache, "--run-dir", run, "--encoder", "dinov2-b", "--steps", "12",
                           *TINY_ARGS, "--log-every", "4", "--ckpt-every", "4"))
     assert "at step 7" in line and str(checkpoint.ckpt_path(run, 4)) in line
     assert [s for s, _ in checkpoint.list_checkpoints(run)] == [4]
@@ -309,9 +323,10 @@ def test_non_finite_stops_naming_the_step_and_keeps_the_last_checkpoint(cache, t
 
 def test_nan_moments_stop_at_step_1(tmp_path):
     c = make_cache(tmp_path / "c", CacheOpts(nan_latents=True))
-    line = error_line(cli("train", "--cache", c, "--run", tmp_path / "run", "--encoder", "dinov2-b",
+    line = error_line(cli("train", "--cache", c, "--run-dir", tmp_path / "run", "--encoder", "dinov2-b",
                           "--steps", "3", *TINY_ARGS))
-    assert "non-finite loss or gradient at step 1" in line and "Last good checkpoint: none" in line
+    assert "non-finite loss at step 1: the cache holds NaN/Inf in rows it fed that step" in line
+    assert "latents/pixel row" in line and "cache verify" in line and "Last good checkpoint: none" in line
     assert checkpoint.list_checkpoints(tmp_path / "run") == []
 
 
@@ -343,7 +358,7 @@ def test_checkpoint_write_is_atomic(cache, tmp_path, monkeypatch):
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint.*disk full"):
         train.run(tiny(cache, run, steps=2, ckpt_every=1))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000001.pt"]
     assert checkpoint.load(checkpoint.ckpt_path(run, 1))["step"] == 1
@@ -392,7 +407,7 @@ def test_ema_update_is_decay_ema_plus_one_minus_decay_param():
         for p in model.parameters():
             p.add_(torch.randn_like(p))  # pos_embed too: it is frozen for the optimizer, not for the EMA
     before = {k: v.clone() for k, v in ema.named_parameters()}
-    train.update_ema(ema, model, 0.75)
+    stp.update_ema(ema, model, 0.75)
     names = [k for k, _ in model.named_parameters()]
     assert "pos_embed" in names
     for (k, e), (_, m) in zip(ema.named_parameters(), model.named_parameters()):
@@ -402,19 +417,18 @@ def test_ema_update_is_decay_ema_plus_one_minus_decay_param():
 def test_ema_after_one_training_step(cache, tmp_path):
     cfg = tiny(cache, tmp_path / "run", steps=1, ema_decay=0.5)
     train.run(cfg)
-    spec = train_data.check_cache(cache, ["dinov2-b"], None)
-    init = train.new_state(cfg, spec, torch.device("cpu")).model.state_dict()  # seeded: the run's start
+    cfg = dataclasses.replace(cfg, latents="pixel")
+    init = st.new_state(cfg, view_of(cache), torch.device("cpu")).model.state_dict()  # seeded: the run's start
     ck = ckpt(tmp_path / "run", 1)
     for k, e in ck["ema"].items():
         torch.testing.assert_close(e, 0.5 * init[k] + 0.5 * ck["model"][k], atol=1e-7, rtol=1e-6, msg=k)
 
 
 def test_optimizer_and_loop_defaults_are_the_reference(cache):
-    cfg = TrainConfig(cache=cache, run=Path("unused"), model="SiT-T/2", encoder_depth=2, projector_dim=16)
+    cfg = TrainConfig(cache=cache, run_dir=Path("unused"), model="SiT-T/2", encoder_depth=2, projector_dim=16)
     assert (cfg.lr, cfg.grad_clip, cfg.ema_decay, cfg.label_dropout, cfg.proj_coeff) == (1e-4, 1.0, 0.9999, 0.1, 0.5)
     assert (cfg.path, cfg.weighting, cfg.align_loss) == ("linear", "uniform", "cosine")
-    spec = train_data.check_cache(cache, ["dinov2-b"], None)
-    state = train.new_state(cfg, spec, torch.device("cpu"))
+    state = st.new_state(cfg, view_of(cache), torch.device("cpu"))
     assert type(state.opt) is torch.optim.AdamW and len(state.opt.param_groups) == 1
     g = state.opt.param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (1e-4, (0.9, 0.999), 1e-8, 0.0)
@@ -425,8 +439,8 @@ def test_optimizer_and_loop_defaults_are_the_reference(cache):
 
 
 def _one_batch(cache: Path, cfg: TrainConfig):
-    spec = train_data.check_cache(cache, list(cfg.encoder), cfg.latents)
-    state = train.new_state(cfg, spec, torch.device("cpu"))
+    spec = view_of(cache, cfg.encoder, cfg.latents)
+    state = st.new_state(cfg, spec, torch.device("cpu"))
     stream = train_data.BatchStream(cache, spec, cfg.global_batch_size, cfg.seed, 0, 1, cfg.label_dropout, 0, 1,
                                     threads=1)
     try:
@@ -440,7 +454,7 @@ def _one_batch(cache: Path, cfg: TrainConfig):
 def test_grad_clip_and_pre_clip_norm(cache, monkeypatch, clip):
     cfg = tiny(cache, Path("unused"))
     spec, state, batch = _one_batch(cache, cfg)
-    train.forward_backward(cfg, spec, state, state.model, batch, 8, torch.device("cpu"))
+    fwd_bwd(cfg, spec, state, batch, 8)
     params = [p for p in state.model.parameters() if p.requires_grad]
     pre = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
     clip = pre / 4 if clip == "quarter" else clip
@@ -452,7 +466,7 @@ def test_grad_clip_and_pre_clip_norm(cache, monkeypatch, clip):
         return real_step(*a, **k)
 
     monkeypatch.setattr(state.opt, "step", step)
-    logged = train.optimizer_step(dataclasses.replace(cfg, grad_clip=clip), state)
+    logged = stp.optimizer_step(dataclasses.replace(cfg, grad_clip=clip), state)
     assert logged.item() == pytest.approx(pre, rel=1e-6)  # the logged norm is the pre-clip one
     assert seen["norm"] == pytest.approx(min(pre, clip), rel=1e-4)  # AdamW saw the clipped gradient
 
@@ -476,7 +490,7 @@ def test_latent_draw_time_noise_and_dropped_labels(sd_cache, monkeypatch, micro)
         return real(model, x0, y, feats, noise, t, *a, **k)
 
     monkeypatch.setattr(transport, "repa_loss", spy)
-    train.forward_backward(cfg, spec, state, state.model, batch, micro, torch.device("cpu"))
+    fwd_bwd(cfg, spec, state, batch, micro)
     assert len(seen) == 8 // micro
     x0, y, noise, t, feats = (torch.cat(parts) for parts in zip(*seen))
     # independent recomputation from the stored arrays, the row order and the (seed, step) draws
@@ -509,7 +523,7 @@ def test_label_dropout_rate_and_time_distribution():
 
 
 def test_draws_and_rows_of_a_global_batch_position_do_not_depend_on_world_size(sd_cache):
-    spec = train_data.check_cache(sd_cache, ["dinov2-b"], None)
+    spec = view_of(sd_cache)
 
     def batches(rank: int, world: int) -> list[train_data.Batch]:
         s = train_data.BatchStream(sd_cache, spec, 8, 1, rank, world, 0.1, 0, 3, threads=1)
@@ -529,7 +543,7 @@ def test_draws_and_rows_of_a_global_batch_position_do_not_depend_on_world_size(s
 
 def test_batch_stream_shortens_the_gil_switch_interval_and_restores_it(sd_cache):
     import sys
-    spec = train_data.check_cache(sd_cache, ["dinov2-b"], None)
+    spec = view_of(sd_cache)
     before = sys.getswitchinterval()
     s = train_data.BatchStream(sd_cache, spec, 8, 1, 0, 1, 0.1, 0, 2, threads=1)
     try:

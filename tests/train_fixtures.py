@@ -1,7 +1,8 @@
 """Small synthetic caches for the training tests, written with the real cache writer.
 
-Array entries have the fields `stages.encode_latents.array_entry` / `encode_features.array_entry` write, so the
-train stage sees exactly what it would see after the encode stages, without running a VAE or an encoder.
+Array specs come from the same manifest constructors the encode stages use (with the codec's / encoder's
+describe() written out), so the train stage sees what it would see after the encode stages, without running a
+VAE or an encoder.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Optional
 
 import numpy as np
 
-from repa_pipe.cache import layout, writer
+from repa_pipe.cache import writer
+from repa_pipe.cache.manifest import ArraySpec, Dataset, Manifest, features_spec, latents_spec
+from repa_pipe.pipeline.hashing import sha256_int64
 
 SD_SCALE = 0.18215
 
@@ -49,35 +52,25 @@ class CacheOpts:
     extra: dict = field(default_factory=dict)
 
 
-def _dataset(o: CacheOpts) -> dict:
-    return {"kind": "imagefolder", "root": "/synthetic", "N": o.n, "num_classes": o.num_classes,
-            "file_list_sha256": "f" * 64, "labels_sha256": "l" * 64}
+def _dataset(o: CacheOpts) -> Dataset:
+    return Dataset(kind="imagefolder", root="/synthetic", n=o.n, num_classes=o.num_classes,
+                   file_list_sha256="f" * 64, labels_sha256=sha256_int64(np.arange(o.n) % o.num_classes))
 
 
-def latents_entry(lat: Latents, n: int) -> tuple[str, dict]:
-    c2 = 2 * lat.channels
-    return f"latents/{lat.codec}", {
-        "kind": "latents",
-        "model": {"name": lat.codec, "id": "none" if lat.codec == "pixel" else f"test/{lat.codec}",
-                  "weights_hash": "none", "random_init": False},
-        "dtype": "float32", "shape": [n, c2, lat.size, lat.size], "chunk": [1, c2, lat.size, lat.size],
-        "preprocessing": {"resolution": 32, "crop": "adm_center_crop", "input": "uint8/127.5 - 1"},
-        "extra": {"moments": "mean_std", "scaling_factor": lat.scale, "latent_channels": lat.channels,
-                  "downsample": 32 // lat.size, "precision": "fp32"},
-    }
+def latents_spec_of(lat: Latents, n: int) -> ArraySpec:
+    """The spec encode-latents would write for such a codec (through the same manifest constructor)."""
+    codec = {"name": lat.codec, "latent_channels": lat.channels, "downsample": 32 // lat.size,
+             "scaling_factor": lat.scale, "moments": "mean_std",
+             "weights_id": "none" if lat.codec == "pixel" else f"test/{lat.codec}", "weights_hash": "none",
+             "is_random_init": False}
+    return latents_spec(codec, n, 32, "float32", "fp32")
 
 
-def features_entry(f: Features, n: int) -> tuple[str, dict]:
-    t = f.grid * f.grid
-    return f"features/{f.encoder}", {
-        "kind": "features",
-        "model": {"name": f.encoder, "id": f"test/{f.encoder}", "weights_hash": "none", "random_init": True,
-                  "timm_name": "none"},
-        "dtype": "float16", "shape": [n, t, f.dim], "chunk": [1, t, f.dim],
-        "preprocessing": {"resolution": 32, "crop": "adm_center_crop", "encoder_input": {}},
-        "extra": {"grid": f.grid, "embed_dim": f.dim, "tokens": "patch tokens (no cls/registers)",
-                  "final_norm": True, "precision": "fp32"},
-    }
+def features_spec_of(f: Features, n: int) -> ArraySpec:
+    """The spec encode-features would write for such an encoder."""
+    enc = {"name": f.encoder, "grid": f.grid, "embed_dim": f.dim, "weights_id": f"test/{f.encoder}",
+           "weights_hash": "none", "is_random_init": True}
+    return features_spec(enc, n, 32, "float16", "fp32")
 
 
 def latent_moments(lat: Latents, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -88,14 +81,13 @@ def latent_moments(lat: Latents, n: int, rng: np.random.Generator) -> np.ndarray
     return np.concatenate([mean, std], axis=1).astype(np.float32)
 
 
-def _write(root: Path, manifest: dict, name: str, entry: dict, data: np.ndarray, unfinished: bool) -> dict:
-    manifest = writer.ensure_array(root, manifest, name, entry)
-    w = writer.ShardWriter(root, manifest, name)
-    shards = range(manifest["num_shards"] - (1 if unfinished else 0))
-    for k in shards:
-        lo, hi = layout.shard_range(k, manifest["dataset"]["N"], manifest["shard_size"])
+def _write(root: Path, spec: ArraySpec, data: np.ndarray, unfinished: bool) -> Manifest:
+    m = writer.ensure_array(root, spec)
+    w = writer.ShardWriter(root, m, spec.name)
+    for k in range(m.num_shards - (1 if unfinished else 0)):
+        lo, hi = m.shard_range(k)
         w.write(k, data[lo:hi], [])
-    return writer.finalize(root, name)
+    return writer.finalize(root, spec.name)
 
 
 def make_cache(root: Path, opts: CacheOpts | None = None) -> Path:
@@ -103,16 +95,16 @@ def make_cache(root: Path, opts: CacheOpts | None = None) -> Path:
     rng = np.random.default_rng(o.seed)
     root = Path(root)
     labels = np.arange(o.n) % o.num_classes
-    m = writer.open_or_create(root, _dataset(o), [f"c{y}/img{i}.png" for i, y in enumerate(labels)], labels, 32,
-                              o.shard_size or o.n)
+    writer.open_or_create(root, _dataset(o), [f"c{y}/img{i}.png" for i, y in enumerate(labels)], labels, 32,
+                          o.shard_size or o.n)
     for lat in o.latents:
-        name, entry = latents_entry(lat, o.n)
+        spec = latents_spec_of(lat, o.n)
         data = latent_moments(lat, o.n, rng)
         if o.nan_latents:
             data[:] = np.nan
-        m = _write(root, m, name, entry, data, name in o.unfinished)
+        _write(root, spec, data, spec.name in o.unfinished)
     for f in o.features:
-        name, entry = features_entry(f, o.n)
+        spec = features_spec_of(f, o.n)
         data = rng.standard_normal((o.n, f.grid * f.grid, f.dim)).astype(np.float16)
-        m = _write(root, m, name, entry, data, name in o.unfinished)
+        _write(root, spec, data, spec.name in o.unfinished)
     return root

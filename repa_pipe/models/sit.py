@@ -34,7 +34,7 @@ from repa_pipe.pipeline.errors import ConfigError
 
 __all__ = [
     "SiT", "SiTPreset", "SIT_PRESETS", "build_sit", "drop_labels", "timestep_embedding",
-    "sincos_pos_embed_2d", "load_reference_state_dict", "flops_per_sample",
+    "sincos_pos_embed_2d", "load_reference_state_dict", "flops_per_sample", "attention_flops_per_sample",
 ]
 
 
@@ -382,7 +382,13 @@ def load_reference_state_dict(model: SiT, sd: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(out, strict=True)
 
 
-def flops_per_sample(model: SiT, *, with_projectors: bool = True) -> float:
+def attention_flops_per_sample(model: SiT) -> float:
+    """The attention-score and attention-value matmuls of one sample's forward (2 FLOPs per multiply-add)."""
+    T, D = model.num_tokens, model.hidden_size
+    return float(model.depth * 2 * 2 * T * T * D)
+
+
+def flops_per_sample(model: SiT, *, with_projectors: bool = True, with_attention: bool = True) -> float:
     """Forward matmul FLOPs (2 per multiply-add) for one sample, including attention scores and values.
 
     Training step FLOPs ~ 3x this (forward + backward). `with_projectors=False` for sampling forwards.
@@ -393,11 +399,10 @@ def flops_per_sample(model: SiT, *, with_projectors: bool = True) -> float:
     f = 2 * T * (C * p * p) * D  # patch embedding
     f += 2 * (model.t_embedder.frequency_embedding_size * D + D * D)  # timestep MLP (once per sample)
     per_block = 2 * T * (3 * D * D + D * D + 2 * D * hid)  # qkv, proj, fc1, fc2
-    per_block += 2 * 2 * T * T * D  # q k^T and attn @ v
     per_block += 2 * D * 6 * D  # adaLN (once per sample)
     f += L * per_block
     f += 2 * D * 2 * D + 2 * T * D * p * p * model.out_channels  # final adaLN + linear
     if with_projectors:
         P = model.projector_dim
         f += sum(2 * T * (D * P + P * P + P * z) for z in model.z_dims)
-    return float(f)
+    return float(f) + (attention_flops_per_sample(model) if with_attention else 0.0)

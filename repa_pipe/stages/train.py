@@ -58,11 +58,12 @@ def resume_plan(cfg: TrainConfig, view: TrainingView) -> tuple[Optional[dict[str
     path = checkpoint.latest(cfg.run_dir)
     if path is None:
         return None, {}
-    ck = st.read_checkpoint(path, view)
+    ck = st.read_checkpoint(path)
     try:
         changes = resume_changes(ck["config"], to_dict(cfg))
     except ConfigError as e:
         raise ConfigError(f"{cfg.run_dir}: {e}") from None
+    st.check_view(ck, view, path)
     ck["path"] = path
     return ck, changes
 

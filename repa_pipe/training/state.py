@@ -80,17 +80,21 @@ def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device) -> Sta
     return State(model, ema, opt, scaler)
 
 
-def read_checkpoint(path: Path, view: TrainingView) -> dict[str, Any]:
-    """A training checkpoint of this run, checked against the cache it is resumed on."""
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint (refusing any other file)."""
     ck = checkpoint.load(path)
     if ck.get("format") != CKPT_FORMAT:
         raise ConfigError(f"{path}: not a repa-pipe training checkpoint; use another --run-dir")
+    return ck
+
+
+def check_view(ck: dict[str, Any], view: TrainingView, path: Path) -> None:
+    """The cache a run resumes on must have the facts its model and data stream were built on."""
     saved, now = ck.get("cache_spec", {}), view.to_json()
     diff = [f"cache {k} {saved.get(k)!r} (now {now[k]!r})" for k in VIEW_FIXED if k in saved and saved[k] != now[k]]
     if diff:
         raise ConfigError(f"{path} was trained on another cache: {', '.join(diff)}; use another --run-dir or the "
                           "run's own cache")
-    return ck
 
 
 def load_into(state: State, ck: dict[str, Any], cfg: TrainConfig) -> None:
