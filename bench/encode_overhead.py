@@ -20,7 +20,7 @@ Bare forward: the same model call the stage makes (`codec.encode_moments(x)` / `
 memory in the layout the stage hands over (`torch.from_numpy(NHWC).permute(0, 3, 1, 2)`).
 
 Stage and bare runs alternate round by round; medians. The stage's time is split (by wrapping
-`encode._encode_batch`, its model fn, `ShardWriter.write` and the progress `Tracker`; bench-side only) into
+`encoding.runner._encode_batch`, its model fn, `ShardWriter.write` and the progress `Tracker`; bench-side only) into
 setup (source listing, cache creation), model forward, other per-batch work, shard writes and waiting for the
 loader.
 """
@@ -43,9 +43,11 @@ import torch  # noqa: E402
 
 from repa_pipe.cache import writer as cache_writer  # noqa: E402
 from repa_pipe.cache.sources import PreprocessedImages, collate_preprocessed, open_source  # noqa: E402
+from repa_pipe.encoding import runner as encode_runner  # noqa: E402
+from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig  # noqa: E402
 from repa_pipe.models.feature_encoders import load_encoder  # noqa: E402
 from repa_pipe.models.latent_codecs import load_codec  # noqa: E402
-from repa_pipe.stages import encode, encode_features, encode_latents  # noqa: E402
+from repa_pipe.stages import encode_features, encode_latents  # noqa: E402
 
 SD_VAE_CONFIG = dict(  # stabilityai/sd-vae-ft-ema config.json (architecture fields)
     in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
@@ -104,11 +106,11 @@ class Probe:
         self.t = {"model": 0.0, "batch": 0.0, "write": 0.0, "loop": 0.0, "first_wait": 0.0}
         self._loop_t0 = None
         probe = self
-        self._orig_batch = encode._encode_batch
+        self._orig_batch = encode_runner._encode_batch
         self._orig_write = cache_writer.ShardWriter.write
-        self._orig_tracker = encode.Tracker
+        self._orig_tracker = encode_runner.Tracker
 
-        def batch(job, b, start, buf, bad, model_fn):
+        def batch(job, b, start, buf, bad, model_fn, *rest):
             def timed_model(x):
                 t0 = time.perf_counter()
                 out = model_fn(x)
@@ -118,7 +120,7 @@ class Probe:
             if probe._loop_t0 is not None:  # the first batch: time from loop start to its arrival
                 probe.t["first_wait"] = t0 - probe._loop_t0
                 probe._loop_t0 = None
-            r = probe._orig_batch(job, b, start, buf, bad, timed_model)
+            r = probe._orig_batch(job, b, start, buf, bad, timed_model, *rest)
             probe.t["batch"] += time.perf_counter() - t0
             return r
 
@@ -137,12 +139,12 @@ class Probe:
                 probe.t["loop"] += time.perf_counter() - self_._bench_t0
                 return super().__exit__(*exc)
 
-        encode._encode_batch, encode.Tracker = batch, Tracker
+        encode_runner._encode_batch, encode_runner.Tracker = batch, Tracker
         cache_writer.ShardWriter.write = write
         return self
 
     def __exit__(self, *exc):
-        encode._encode_batch, encode.Tracker = self._orig_batch, self._orig_tracker
+        encode_runner._encode_batch, encode_runner.Tracker = self._orig_batch, self._orig_tracker
         cache_writer.ShardWriter.write = self._orig_write
 
 
@@ -190,15 +192,13 @@ def run_case(case: dict, images: Path, rounds: int, scratch: Path) -> dict:
         cache = scratch / f"cache_{stage}_{name}"
         shutil.rmtree(cache, ignore_errors=True)
         if stage == "latents":
-            cfg = encode_latents.EncodeLatentsConfig(source=str(images), cache=cache, vae=name,
-                                                     vae_weights=case.get("weights"), resolution=res,
-                                                     shard_size=shard, batch_size=bs, workers=case.get("workers", 2))
+            cfg = EncodeLatentsConfig(source=str(images), cache=cache, vae=name, vae_weights=case.get("weights"),
+                                      resolution=res, shard_size=shard, batch_size=bs, workers=case.get("workers", 2))
             mod, attr, runner = encode_latents, "load_codec", encode_latents.run
         else:
-            cfg = encode_features.EncodeFeaturesConfig(source=str(images), cache=cache, encoder=name,
-                                                       encoder_weights=case.get("weights"), grid=case["grid"],
-                                                       resolution=res, shard_size=shard, batch_size=bs,
-                                                       workers=case.get("workers", 2))
+            cfg = EncodeFeaturesConfig(source=str(images), cache=cache, encoder=name,
+                                       encoder_weights=case.get("weights"), grid=case["grid"], resolution=res,
+                                       shard_size=shard, batch_size=bs, workers=case.get("workers", 2))
             mod, attr, runner = encode_features, "load_encoder", encode_features.run
         with same_model(mod, attr, model), Probe() as probe:
             t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """Loader: does the training input stream keep up? Fraction of step time spent waiting for data (`BatchStream.wait_s`
-of stages/train_data.py), target below 5%.
+of training/stream.py), target below 5%.
 
     python bench/loader.py            # demo rate (real `repa-pipe train` run) + SiT-B/2 rates; updates docs
     python bench/loader.py --quick    # short runs, N = 2,048 cache, prints only
@@ -31,39 +31,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from repa_pipe.cache import layout, writer  # noqa: E402
+from repa_pipe.cache.manifest import (ArraySpec, LatentFacts, Manifest, Provenance, TrainingView,  # noqa: E402
+                                      read_manifest, training_view)
+from repa_pipe.cache.reader import check_labels  # noqa: E402
+from repa_pipe.demo.config import DemoConfig  # noqa: E402
+from repa_pipe.demo.digits import write_digits_imagefolder  # noqa: E402
+from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig  # noqa: E402
 from repa_pipe.models.sit import build_sit, flops_per_sample  # noqa: E402
-from repa_pipe.cache.sources import write_digits_imagefolder  # noqa: E402
 from repa_pipe.stages import demo, encode_features, encode_latents, train  # noqa: E402
-from repa_pipe.stages.train_data import BatchStream, check_cache, draw_step  # noqa: E402
+from repa_pipe.training.stream import BatchStream, draw_step  # noqa: E402
 
 PAPER_XL_IMG_S_PER_GPU = 173.0  # REPA: SiT-XL/2, 5.4 steps/s at batch 256 on 8 H100
 
 
-def add_latents(root: Path, m: dict) -> dict:
+def add_latents(root: Path, m: Manifest) -> Manifest:
     """SD-VAE-shaped moments (N, 8, 32, 32) float32 into the reader cache; idempotent."""
-    n, name = m["dataset"]["N"], "latents/sd-vae-ft-ema"
-    entry = {"kind": "latents", "model": {"name": "sd-vae-ft-ema", "id": "synthetic (bench/loader.py)",
-                                          "random_init": True},
-             "dtype": "float32", "shape": [n, 8, 32, 32], "chunk": [1, 8, 32, 32],
-             "preprocessing": {"resolution": 256}, "extra": {"moments": "mean_std", "scaling_factor": 0.18215,
-                                                             "latent_channels": 4, "downsample": 8}}
-    m = writer.ensure_array(root, m, name, entry)
+    n = m.n
+    spec = ArraySpec(kind="latents", model=Provenance("sd-vae-ft-ema", "synthetic (bench/loader.py)", "none", True),
+                     dtype="float32", shape=(n, 8, 32, 32), precision="fp32", preprocessing={"resolution": 256},
+                     latent=LatentFacts(channels=4, downsample=8, scaling_factor=0.18215, moments="mean_std"))
+    name = spec.name  # "latents/sd-vae-ft-ema"
+    m = writer.ensure_array(root, spec)
     w = writer.ShardWriter(root, m, name)
     todo = w.pending(list(range(w.num_shards)))
     for k in todo:
-        s, e = layout.shard_range(k, n, w.shard_size)
+        s, e = m.shard_range(k)
         rng = np.random.default_rng(1000 + k)
         data = np.concatenate([rng.standard_normal((e - s, 4, 32, 32), dtype=np.float32) * 5,
                                rng.random((e - s, 4, 32, 32), dtype=np.float32) * 0.1], axis=1)
         w.write(k, data, [])
     if todo:
         writer.finalize(root, name)
-    return layout.load_manifest(root)
+    return read_manifest(root)
+
+
+def check_cache(root: Path, encoders: tuple[str, ...], latents: str | None) -> TrainingView:
+    """The cache's training view (every array training needs there, complete and consistent; labels checked
+    against their recorded hash), as `repa-pipe train` takes it."""
+    m = read_manifest(root)
+    return training_view(m, check_labels(root, m), latents, encoders)
 
 
 def warm(root: Path) -> None:
-    for p in sorted((root / layout.ZARR_DIR).rglob("c/*/0*")):
-        if p.is_file():
+    for p in sorted((root / layout.ZARR_DIR).rglob("*")):  # every shard file: <array>/c/<k>/0/.../0
+        if p.is_file() and "c" in p.relative_to(root / layout.ZARR_DIR).parts:
             with open(p, "rb", buffering=0) as f:
                 while f.read(16 << 20):
                     pass
@@ -103,10 +114,10 @@ def demo_cache(out: Path) -> Path:
     `tiny` features); encode stages skip shards already done, so a second call costs nothing."""
     images = write_digits_imagefolder(out / "images", size=32)
     cache = out / "cache"
-    encode_latents.run(encode_latents.EncodeLatentsConfig(source=str(images), cache=cache, vae="pixel",
-                                                          resolution=32, shard_size=256, batch_size=128, workers=0))
-    encode_features.run(encode_features.EncodeFeaturesConfig(source=str(images), cache=cache, encoder="tiny",
-                                                             batch_size=64, workers=0))
+    encode_latents.run(EncodeLatentsConfig(source=str(images), cache=cache, vae="pixel", resolution=32,
+                                           shard_size=256, batch_size=128, workers=0))
+    encode_features.run(EncodeFeaturesConfig(source=str(images), cache=cache, encoder="tiny", batch_size=64,
+                                             workers=0))
     return cache
 
 
@@ -114,7 +125,7 @@ def demo_run(out: Path, cache: Path, steps: int, log_every: int, batch: int | No
     """The demo's own training config (`demo._train_config`), shortened; `batch` overrides its batch size."""
     run_dir = out / f"bench_run_b{batch or 'demo'}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = demo._train_config(demo.DemoConfig(out=out), cache, run_dir)
+    cfg = demo._train_config(DemoConfig(out=out), cache, run_dir)
     cfg = dataclasses.replace(cfg, steps=steps, log_every=log_every, ckpt_every=10**9, sample_every=0,
                               **({"global_batch_size": batch} if batch else {}))
     t0 = time.perf_counter()
@@ -142,7 +153,7 @@ def main() -> None:
     root = C.SCRATCH / f"reader_N{n}"
     m = make_cache(root, n)
     add_latents(root, m)
-    spec = check_cache(root, ["dinov2-b"], None)
+    spec = check_cache(root, ("dinov2-b",), None)
     info = C.machine({"cache": f"{root}, N {n}"})
     print(C.machine_line(info))
 

@@ -8,7 +8,9 @@ The array is written once with the repa_pipe cache writer (`writer.open_or_creat
 Measured, all in this one process, side by side (the configurations are interleaved round by round, so load from
 other users hits them alike; medians over the rounds):
 
-- `ArrayReader.gather` (the training hot path) with 1, 4, 8 and 16 threads, warm page cache;
+- `ArrayReader.gather` (the training hot path, every row's crc32c checked) with 1, 4, 8 and 16 threads, warm page
+  cache, and side by side the same reader with the checks left out (`UncheckedReader`: the gather loop as it was
+  before rows carried checksums), to measure what the integrity check costs;
 - raw `os.preadv` of the same rows' byte ranges (offsets from the shard index, computed before timing), split
   over the same thread counts, into a reused buffer and into a fresh buffer per batch -- no repa_pipe code;
 - sequential read of the shard files (16 MiB `readinto`), and one in-RAM memcpy of a batch, as ceilings;
@@ -32,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from repa_pipe.cache import layout, writer  # noqa: E402
+from repa_pipe.cache.manifest import ArraySpec, Dataset, Manifest, Provenance, read_manifest  # noqa: E402
 from repa_pipe.cache.reader import ArrayReader  # noqa: E402
-from repa_pipe.cache.sources_base import sha256_labels  # noqa: E402
-from repa_pipe.pipeline.hashing import hash_lines  # noqa: E402
+from repa_pipe.pipeline.errors import CorruptDataError  # noqa: E402
+from repa_pipe.pipeline.hashing import hash_lines, sha256_int64  # noqa: E402
 
 NAME = "features/dinov2-b"  # synthetic content; the name lets bench/loader.py train from this cache
 T, D = 256, 768
@@ -44,21 +47,21 @@ THREADS = (1, 4, 8, 16)
 
 
 # ------------------------------------------------------------------------------------------------ the data
-def make_cache(root: Path, n: int, shard_size: int = 1024) -> dict:
+def make_cache(root: Path, n: int, shard_size: int = 1024) -> Manifest:
     """Write (n, 256, 768) float16 with the repa_pipe writer; idempotent (done shards are skipped)."""
     keys = [f"bench/{i:08d}" for i in range(n)]
     labels = np.arange(n, dtype=np.int64) % 1000
-    dataset = {"kind": "synthetic", "root": "bench/reader.py", "N": n, "num_classes": 1000, "class_names": None,
-               "file_list_sha256": hash_lines(keys), "labels_sha256": sha256_labels(labels), "num_known_bad": 0}
-    m = writer.open_or_create(root, dataset, keys, labels, resolution=256, shard_size=shard_size)
-    entry = {"kind": "features", "model": {"name": "dinov2-b", "id": "synthetic (bench/reader.py)", "random_init": True}, "dtype": "float16",
-             "shape": [n, T, D], "chunk": [1, T, D], "preprocessing": {"resolution": 256}, "extra": {}}
-    m = writer.ensure_array(root, m, NAME, entry)
+    dataset = Dataset(kind="synthetic", root="bench/reader.py", n=n, num_classes=1000,
+                      file_list_sha256=hash_lines(keys), labels_sha256=sha256_int64(labels))
+    writer.open_or_create(root, dataset, keys, labels, resolution=256, shard_size=shard_size)
+    spec = ArraySpec(kind="features", model=Provenance("dinov2-b", "synthetic (bench/reader.py)", "none", True),
+                     dtype="float16", shape=(n, T, D), precision="fp32", preprocessing={"resolution": 256})
+    m = writer.ensure_array(root, spec)
     w = writer.ShardWriter(root, m, NAME)
     todo = w.pending(list(range(w.num_shards)))
     t_write, nbytes = 0.0, 0
     for k in todo:
-        start, stop = layout.shard_range(k, n, shard_size)
+        start, stop = m.shard_range(k)
         rng = np.random.default_rng(k)
         data = rng.standard_normal((stop - start, T, D), dtype=np.float32).astype(np.float16)
         data[:, 0, 0] = np.arange(start, stop) % 2048  # row id (exact in fp16) to check gathers return the right rows
@@ -70,12 +73,25 @@ def make_cache(root: Path, n: int, shard_size: int = 1024) -> dict:
     if todo:
         writer.finalize(root, NAME)
         print(f"  writer: {nbytes / t_write / 1e6:.0f} MB/s (zarr write + fsync + crc + marker)")
-    return layout.load_manifest(root)
+    return read_manifest(root)
 
 
-def shard_files(root: Path, m: dict) -> list[Path]:
+def shard_files(root: Path, m: Manifest) -> list[Path]:
     paths = layout.CachePaths(root)
-    return [paths.shard_file(NAME, k, 3) for k in range(m["num_shards"])]
+    return [paths.shard_file(NAME, k, 3) for k in range(m.num_shards)]
+
+
+class UncheckedReader(ArrayReader):
+    """The gather loop without the per-row crc32c check (reads only each row's bytes): the reader as it was before
+    rows carried checksums, kept here only to measure what the check costs."""
+
+    def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
+        k = int(rows[0]) // self.shard_size
+        fd, offsets = self._open(k)
+        flat = out.reshape(out.shape[0], -1).view(np.uint8)
+        for r, p in zip(rows, pos):
+            if os.preadv(fd, [flat[p]], int(offsets[int(r) - k * self.shard_size])) != self.row_bytes:
+                raise CorruptDataError(f"short read of row {r}")
 
 
 # --------------------------------------------------------------------------------------------- raw readers
@@ -167,7 +183,8 @@ def main() -> None:
     seq_warm = seq_warm[1:]  # the first pass warms the cache
 
     readers = {t: ArrayReader(root, m, NAME, threads=t) for t in THREADS}
-    raws = {t: RawPread(files, m["shard_size"], t) for t in THREADS}
+    unchecked = {t: UncheckedReader(root, m, NAME, threads=t) for t in THREADS}
+    raws = {t: RawPread(files, m.shard_size, t) for t in THREADS}
     reusing = {t: ArrayReader(root, m, NAME, threads=t) for t in (1, 4)}
     rng = np.random.default_rng(0)
 
@@ -184,10 +201,13 @@ def main() -> None:
     assert np.array_equal(reusing[4].gather(idx0, out=r).view(np.uint16), g.view(np.uint16))
     for t in (1, 4):
         reusing[t].gather(idx0)
+    assert np.array_equal(unchecked[4].gather(idx0).view(np.uint16), g.view(np.uint16))
     for t in THREADS:
         readers[t].gather(idx0)  # open every shard (index parse + crc check) before timing
+        unchecked[t].gather(idx0)
 
-    configs = [f"gather t{t}" for t in THREADS] + [f"raw t{t}" for t in THREADS] + \
+    configs = [f"gather t{t}" for t in THREADS] + [f"unchecked t{t}" for t in THREADS] + \
+              [f"raw t{t}" for t in THREADS] + \
               [f"raw-fresh t{t}" for t in (1, 16)] + [f"gather-reuse t{t}" for t in (1, 4)]
     res: dict[str, list[float]] = {c: [] for c in configs}
     memcpy = []
@@ -199,10 +219,11 @@ def main() -> None:
         for c in order:
             kind, t = c.split(" t")
             t = int(t)
-            if kind == "gather":
+            if kind in ("gather", "unchecked"):
+                rd_ = readers[t] if kind == "gather" else unchecked[t]
                 t0 = time.perf_counter()
                 for idx in bl:
-                    readers[t].gather(idx)
+                    rd_.gather(idx)
             elif kind == "gather-reuse":
                 t0 = time.perf_counter()
                 for idx in bl:
@@ -257,7 +278,7 @@ def main() -> None:
                     dt = time.perf_counter() - t0
                     rd_.close()
                 else:
-                    raw = RawPread(files, m["shard_size"], t)  # index read before timing
+                    raw = RawPread(files, m.shard_size, t)  # index read before timing
                     plans = [raw.plan(idx) for idx in bl]
                     t0 = time.perf_counter()
                     for p in plans:
@@ -268,7 +289,7 @@ def main() -> None:
             print(f"  cold rep {rep + 1}: " + ", ".join(f"{c} {v[-1]:,.0f}" for c, v in cold.items()), flush=True)
         sequential_read(files)  # leave it warm
     info["load_end"] = C.loadavg()
-    for x in list(readers.values()) + list(raws.values()) + list(reusing.values()):
+    for x in list(readers.values()) + list(unchecked.values()) + list(raws.values()) + list(reusing.values()):
         x.close()
 
     # ---- report
@@ -282,6 +303,11 @@ def main() -> None:
         med = C.median(res[f"gather t{t}"])
         rows.append(row(f"`ArrayReader.gather`, {t} thread{'s' if t > 1 else ''}", res[f"gather t{t}"],
                         f"{med / C.median(res[f'raw t{t}']):.2f} of raw pread t{t}, {med / best_raw:.2f} of best raw"))
+    for t in THREADS:
+        med = C.median(res[f"gather t{t}"])
+        rows.append(row(f"the same gather without row checksums, {t} thread{'s' if t > 1 else ''}",
+                        res[f"unchecked t{t}"], f"checked gather is {med / C.median(res[f'unchecked t{t}']):.2f} "
+                        "of this"))
     for t in THREADS:
         rows.append(row(f"raw `os.preadv`, {t} thread{'s' if t > 1 else ''}, reused buffer", res[f"raw t{t}"]))
     for t in (1, 16):
@@ -304,7 +330,9 @@ def main() -> None:
     cold_table = C.table(["reader (cold: " + cold_method + " before each)", "samples/s", "MB/s", "range", "note"],
                          cold_rows) if cold else "(cold measurements skipped)"
     gather_best = max(C.median(res[f"gather t{t}"]) for t in THREADS)
+    unchecked_best = max(C.median(res[f"unchecked t{t}"]) for t in THREADS)
     verdict = ("meets" if gather_best >= 2000 else "misses")
+    ratio = gather_best / unchecked_best
     text = f"""## Reader: random batches of 256 rows from a (N, 256, 768) float16 array
 
 `python bench/reader.py` ({'quick run' if args.quick else 'full run'}). {C.machine_line(info)}
@@ -317,6 +345,8 @@ MB/s = samples/s x {mb_per_sample:.3f}. Raw `os.preadv` uses the same rows' byte
 before timing. All readers return the same bytes (checked).
 
 **Target 2,000 samples/s warm: {verdict}** (best `gather` {gather_best:,.0f} samples/s).
+**Row checksums: best checked `gather` is {ratio:.2f} of the best unchecked one** ({unchecked_best:,.0f} samples/s;
+target >= 0.90).
 
 {warm_table}
 

@@ -5,11 +5,11 @@ the online encoder forward and preprocessing that the reference runs every step.
     python bench/train_step.py --quick    # batch 2, 1 round, prints only
     python bench/train_step.py --batch 4 --precision bf16
 
-Both variants run the real step of `stages/train.py`: `forward_backward` (posterior sample from the moments, label
-drop, time draw, `transport.repa_loss`, backward) + `optimizer_step` (clip, AdamW, EMA), with the `State` from
-`new_state` for `SiT-B/2` (built by `build_sit('SiT-B/2', input_size=32, in_channels=4, num_classes=1000,
-encoder_depth=4, z_dims=[768])` inside it) and the same random draws (`draw_step`). The cached variant takes the
-features from the batch (float16, as read from the cache). The online variant first runs the dinov2-b
+Both variants run the real step of `training/step.py`: `forward_backward` (posterior sample from the moments,
+label drop, time draw, `transport.repa_loss`, backward) + `optimizer_step` (clip, AdamW, EMA), with the `State` from
+`training.state.new_state` for `SiT-B/2` (built by `build_sit('SiT-B/2', input_size=32, in_channels=4,
+num_classes=1000, encoder_depth=4, z_dims=[768])` inside it) and the same random draws (`training.stream.draw_step`).
+The cached variant takes the features from the batch (float16, as read from the cache). The online variant first runs the dinov2-b
 `FeatureEncoder` (timm `vit_base_patch14_dinov2` architecture, random weights loaded from a state-dict file through
 `load_encoder`) on the 256 px uint8 images: /255, ImageNet mean/std, bicubic resize to 224, ViT-B/14, final norm,
 patch tokens -- the reference's `preprocess_raw_image` + `x_norm_patchtokens`. The VAE posterior sample is the
@@ -34,11 +34,14 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from repa_pipe.cache.manifest import Provenance, TrainingView  # noqa: E402
 from repa_pipe.models import transport  # noqa: E402
 from repa_pipe.models.feature_encoders import load_encoder  # noqa: E402
 from repa_pipe.models.sit import drop_labels, flops_per_sample  # noqa: E402
-from repa_pipe.stages import train  # noqa: E402
-from repa_pipe.stages.train_data import Batch, CacheSpec, draw_step  # noqa: E402
+from repa_pipe.training import step  # noqa: E402
+from repa_pipe.training.config import TrainConfig  # noqa: E402
+from repa_pipe.training.state import new_state  # noqa: E402
+from repa_pipe.training.stream import Batch, draw_step  # noqa: E402
 
 
 def make_batch(b: int, seed: int = 0) -> tuple[Batch, torch.Tensor]:
@@ -82,12 +85,14 @@ def main() -> None:
 
     device = torch.device("cpu")
     scratch = C.SCRATCH / "train_step"
-    cfg = train.TrainConfig(cache=scratch / "unused-cache", run=scratch / "unused-run", model="SiT-B/2",
-                            encoder=("dinov2-b",), encoder_depth=4, global_batch_size=b, precision=args.precision)
-    spec = CacheSpec(latents="latents/sd-vae-ft-ema", features=["features/dinov2-b"], latent_channels=4,
-                     latent_size=32, scaling_factor=0.18215, feature_tokens=[256], feature_dims=[768],
-                     num_classes=1000, n=b)
-    state = train.new_state(cfg, spec, device)
+    cfg = TrainConfig(cache=scratch / "unused-cache", run_dir=scratch / "unused-run", model="SiT-B/2",
+                      encoder=("dinov2-b",), encoder_depth=4, global_batch_size=b, precision=args.precision)
+    spec = TrainingView(latents="latents/sd-vae-ft-ema", features=("features/dinov2-b",), latent_channels=4,
+                        latent_size=32, scaling_factor=0.18215, feature_tokens=(256,), feature_dims=(768,),
+                        num_classes=1000, n=b, valid=b,
+                        codec=Provenance("sd-vae-ft-ema", "synthetic (bench/train_step.py)", "none", True),
+                        dataset_root="unused (bench/train_step.py)", resolution=256)
+    state = new_state(cfg, spec, device)
     state.model.train()
     enc_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     enc = load_encoder("dinov2-b", str(dinov2_b_file(C.SCRATCH / "encode_overhead" / "dinov2-b-random.safetensors")),
@@ -97,9 +102,11 @@ def main() -> None:
     info = C.machine({"batch": b, "precision": args.precision})
     print(C.machine_line(info))
 
+    rt = step.Runtime(state.model, None, b, device)  # one process, no DDP, no compile; one micro-batch of b rows
+
     def step_cached(bt: Batch) -> None:
-        train.forward_backward(cfg, spec, state, state.model, bt, b, device)
-        train.optimizer_step(cfg, state)
+        step.forward_backward(cfg, spec, state, rt, bt)
+        step.optimizer_step(cfg, state)
 
     def online_features() -> torch.Tensor:
         with torch.inference_mode():
@@ -165,7 +172,7 @@ def main() -> None:
 `python bench/train_step.py` ({'quick run' if args.quick else 'full run'}). {C.machine_line(info)}
 
 SiT-B/2 ({n_params / 1e6:.1f}M parameters with the projector), encoder depth 4, batch {b}, {args.precision}, CPU.
-Both variants run `train.forward_backward` + `train.optimizer_step` (AdamW, clip, EMA) on the same batch and draws;
+Both variants run `step.forward_backward` + `step.optimizer_step` (AdamW, clip, EMA) on the same batch and draws;
 the online variant adds `FeatureEncoder.forward` of the dinov2-b architecture (random weights) on 256 px uint8
 images (/255, normalise, bicubic resize to 224, ViT-B/14, final norm). {rounds} interleaved rounds, medians.
 

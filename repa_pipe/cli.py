@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - typer with click as a dependency
     import click
     from click.exceptions import Abort, NoArgsIsHelpError, UsageError
 
+from repa_pipe.analysis.config import AnalyzeConfig
 from repa_pipe.cache.options import CacheInfoConfig, CacheVerifyConfig
 from repa_pipe.demo.config import DemoConfig
 from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig
@@ -34,7 +35,7 @@ from repa_pipe.pipeline.errors import RepaError
 from repa_pipe.sampling.config import ExportConfig, SampleEvalConfig
 from repa_pipe.training.config import TrainConfig
 
-ORDER = ("encode-latents", "encode-features", "cache", "train", "sample-eval", "export", "demo")
+ORDER = ("encode-latents", "encode-features", "cache", "train", "sample-eval", "analyze", "export", "demo")
 FLOW = ("Typical flow: encode-latents and encode-features fill a cache from an image folder (once per image), "
         "train reads only that cache, sample-eval samples a run and computes FID & co. `repa-pipe demo OUT` runs "
         "it all on a small built-in dataset on a CPU.")
@@ -191,6 +192,9 @@ command(app, "train", TrainConfig, "repa_pipe.stages.train:run",
         "Train SiT with REPA from the cache alone (never runs an encoder or the VAE encoder).", prepare=_encoders)
 command(app, "sample-eval", SampleEvalConfig, "repa_pipe.stages.sample_eval:run",
         "Sample from a trained model (SDE/ODE, guidance interval) and evaluate under the ADM protocol.")
+command(app, "analyze", AnalyzeConfig, "repa_pipe.stages.analyze:run",
+        "The paper's representation analysis of a run: CKNNA with the cached encoder features and linear-probe "
+        "accuracy, per block and noise level.")
 command(app, "export", ExportConfig, "repa_pipe.stages.export:run",
         "Write a run's EMA weights as safetensors (with the model config in its metadata).")
 command(app, "demo", DemoConfig, "repa_pipe.stages.demo:run",

@@ -24,6 +24,7 @@ CONFIGS = {
     "demo": ("repa_pipe.demo.config", "DemoConfig"),
     "sample-eval": ("repa_pipe.sampling.config", "SampleEvalConfig"),
     "export": ("repa_pipe.sampling.config", "ExportConfig"),
+    "analyze": ("repa_pipe.analysis.config", "AnalyzeConfig"),
     "cache info": ("repa_pipe.cache.options", "CacheInfoConfig"),
     "cache verify": ("repa_pipe.cache.options", "CacheVerifyConfig"),
 }
@@ -92,8 +93,8 @@ def test_command_options_match_config_dataclass(name):
 def test_help_works_for_every_command_and_lists_every_option():
     commands = all_commands()
     names = {" ".join(path) for path, _ in commands}
-    assert {"", "encode-latents", "encode-features", "cache", "cache info", "cache verify", "train", "export",
-            "demo"} <= names
+    assert {"", "encode-latents", "encode-features", "cache", "cache info", "cache verify", "train", "sample-eval",
+            "analyze", "export", "demo"} <= names
     for path, cmd in commands:
         r = invoke([*path, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
         assert r.exit_code == 0, (path, r.output)
@@ -106,7 +107,8 @@ def test_help_works_for_every_command_and_lists_every_option():
             if is_option(p):
                 assert any(o in r.output for o in p.opts), (path, p.opts, r.output)
             else:
-                assert re.search(rf"\b{p.name}\b", r.output, re.I), (path, p.name, r.output)
+                shown = p.metavar or p.name  # an argument shows its metavar (e.g. RUN)
+                assert re.search(rf"\b{re.escape(shown)}\b", r.output, re.I), (path, shown, r.output)
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

@@ -37,6 +37,20 @@ def cache_lock(root: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def wait_for_cache_lock(root: Path) -> bool:
+    """Wait until no job holds the cache lock (e.g. one creating this cache right now, which holds it until the
+    manifest is written). False when the folder has no lock file. Creates nothing."""
+    try:
+        fd = os.open(CachePaths(Path(root)).lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+    return True
+
+
 def _holder() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "since_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
             time.gmtime()), "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import operator
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -80,7 +81,9 @@ def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> Imag
     if len(data) == 0:
         raise BadImageError(where, "empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        with warnings.catch_warnings():  # the pixel budget below replaces PIL's bomb warning (its error stays)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
             raise BadImageError(where, f"image is {w}x{h} ({w * h / 1e6:.1f} megapixels), over the pixel budget of "

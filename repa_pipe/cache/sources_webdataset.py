@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import numpy as np
 from repa_pipe.cache.manifest import MAX_CLASSES
 from repa_pipe.cache.sources_base import IMAGE_SUFFIXES, BadImageError, ImageSource
 from repa_pipe.pipeline.errors import BadInputError
+
+_BLOCK = tarfile.BLOCKSIZE  # 512: tar headers, padding and the end-of-archive marker come in these
 
 
 def expand_tar_spec(spec: str) -> list[Path]:
@@ -39,6 +42,57 @@ def expand_tar_spec(spec: str) -> list[Path]:
     return [p]
 
 
+@dataclass
+class _TarScan:
+    """What one pass over a tar's headers found."""
+
+    members: list[tarfile.TarInfo] = field(default_factory=list)  # regular files, in tar order
+    size: int = 0                                                 # bytes in the file
+    damage: str | None = None                                     # why the tar is damaged, None when intact
+
+
+def _scan_tar(path: str) -> _TarScan:
+    """Every member header up to the end-of-archive marker, or up to the damage (a file cut off part way, a
+    header that does not parse). Raises BadInputError only for a tar that cannot be opened at all."""
+    scan = _TarScan()
+    try:
+        scan.size = os.path.getsize(path)
+        tf = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise BadInputError(f"{path}: not a readable uncompressed tar file ({e})") from None
+    error = None
+    with tf:
+        while True:
+            try:
+                m = tf.next()
+            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                error = e
+                break
+            if m is None:
+                break
+            if m.isreg():
+                scan.members.append(m)
+        end = tf.offset  # where the next header would start: the marker, the damage, or past a cut-off member
+    cut = next((m for m in scan.members if m.offset_data + m.size > scan.size), None)
+    if cut is not None:
+        scan.damage = f"truncated: the file ends at byte {scan.size}, inside member {cut.name}"
+    elif end > scan.size:  # tarfile's "unexpected end of data": the last member's padding is cut off
+        scan.damage = f"truncated: the file ends at byte {scan.size}, inside the padding of its last member"
+    elif error is not None:
+        scan.damage = f"unreadable after byte {end} ({error})"
+    else:
+        # tarfile stops silently at a cut-off or unparsable header; a complete tar ends with zero blocks there.
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read(_BLOCK)
+        if not tail:
+            scan.damage = f"truncated: the file ends at byte {end} with no end-of-archive marker"
+        elif tail.strip(b"\0"):
+            scan.damage = (f"unreadable tar header at byte {end}" if len(tail) == _BLOCK else
+                           f"truncated: the file ends at byte {scan.size}, inside a member header")
+    return scan
+
+
 class WebDatasetSource(ImageSource):
     """Samples from WebDataset tar shards: members KEY.jpg|jpeg|png|webp (any case) with KEY.cls = integer label.
 
@@ -50,6 +104,10 @@ class WebDatasetSource(ImageSource):
       given), several .cls, or several image members keeps its index, gets label -1 (no usable label) or its
       parsed label, and is listed in `known_bad`; read() raises for it.
     - Members with other suffixes (.json, .txt, ...) are ignored; a .cls with no image is not a sample (warning).
+    - A damaged tar (cut off part way, or a header that does not parse) keeps the samples listed before the
+      damage; a member whose data runs past the end of the file is a known-bad sample ("tar shard truncated ...").
+      A tar that cannot be opened at all contributes no samples. Each damaged tar is in `damaged` (path -> reason),
+      in `warnings` and in `notes()`; the encode stages refuse a damaged source unless --skip-bad.
     - Only uncompressed tars (random access by byte offset). Image bytes are read by (offset, size) at read time.
     """
 
@@ -68,6 +126,7 @@ class WebDatasetSource(ImageSource):
         self.class_names = None
         self.warnings = []
         self.known_bad = {}
+        self.damaged: dict[str, str] = {}
         keys: list[str] = []
         labels: list[int] = []
         tar_ids: list[int] = []
@@ -76,7 +135,14 @@ class WebDatasetSource(ImageSource):
         exts: list[str] = []
         ext_pool: dict[str, str] = {}  # one str object per distinct suffix, so 1M samples do not hold 1M copies
         for t, path in enumerate(self.tar_paths):
-            for prefix, images, cls_label, cls_problem in self._index_tar(path):
+            first = len(keys)
+            try:
+                samples = self._index_tar(path)
+            except BadInputError as e:
+                self.damaged[path] = str(e).removeprefix(f"{path}: ")
+                self.warnings.append(f"{path}: damaged tar shard ({self.damaged[path]}); none of its samples is used")
+                continue
+            for prefix, images, cls_label, cls_problem in samples:
                 i = len(keys)
                 keys.append(f"{names[t]}/{prefix}")
                 tar_ids.append(t)
@@ -92,8 +158,13 @@ class WebDatasetSource(ImageSource):
                     self.known_bad[i] = "several image members (" + ", ".join(f"{prefix}.{x[0]}" for x in images) + ")"
                 elif cls_problem:
                     self.known_bad[i] = cls_problem
+            if path in self.damaged:
+                lost = sum(1 for i in range(first, len(keys)) if i in self.known_bad)
+                self.warnings.append(f"{path}: damaged tar shard ({self.damaged[path]}); {len(keys) - first} "
+                                     f"sample(s) listed before the damage, {lost} of them unusable")
         if not keys:
-            raise BadInputError(f"{spec}: no image samples found in {len(paths)} tar file(s)")
+            why = "".join(f"; {p}: {r}" for p, r in self.damaged.items())
+            raise BadInputError(f"{spec}: no image samples found in {len(paths)} tar file(s){why}")
         self.keys = keys
         self.labels = np.asarray(labels, dtype=np.int64)
         self._num_classes = num_classes
@@ -107,30 +178,30 @@ class WebDatasetSource(ImageSource):
                                  f"{self.where(first)}: {self.known_bad[first]}")
 
     def _index_tar(self, path: str) -> list[tuple[str, list[tuple[str, int, int]], int, str | None]]:
-        """[(KEY, [(image suffix as written, data offset, size), ...], label or -1, problem or None)] in tar order."""
+        """[(KEY, [(image suffix as written, data offset, size), ...], label or -1, problem or None)] in tar order.
+
+        A damaged tar is recorded in `self.damaged` and yields the samples listed before the damage; BadInputError
+        for a tar that cannot be opened at all."""
         from webdataset.tariterators import base_plus_ext
 
+        scan = _scan_tar(path)
+        if scan.damage is not None:
+            self.damaged[path] = scan.damage
         samples: dict[str, tuple[list, list]] = {}  # KEY -> (image members, cls members)
-        try:
-            file_size = os.path.getsize(path)
-            with tarfile.open(path, "r:") as tf:
-                for m in tf:
-                    if not m.isreg():
-                        continue
-                    prefix, suffix = base_plus_ext(m.name)
-                    if prefix is None:
-                        continue
-                    low = suffix.lower()
-                    if low in IMAGE_SUFFIXES:
-                        samples.setdefault(prefix, ([], []))[0].append((suffix, m.offset_data, m.size))
-                    elif low == "cls":
-                        samples.setdefault(prefix, ([], []))[1].append((m.offset_data, m.size))
-                end = tf.offset
-        except (tarfile.TarError, OSError) as e:
-            raise BadInputError(f"{path}: not a readable uncompressed tar file ({e})") from None
-        if end + 1024 > file_size:
-            # tarfile stops silently at a cut-off header; a complete tar ends with two 512-byte zero blocks.
-            self.warnings.append(f"{path}: no end-of-archive marker; the shard may be truncated after byte {end}")
+        for m in scan.members:
+            prefix, suffix = base_plus_ext(m.name)
+            if prefix is None:
+                continue
+            low = suffix.lower()
+            if low in IMAGE_SUFFIXES:
+                samples.setdefault(prefix, ([], []))[0].append((suffix, m.offset_data, m.size))
+            elif low == "cls":
+                samples.setdefault(prefix, ([], []))[1].append((m.offset_data, m.size))
+
+        def cut_off(offset: int, size: int, what: str = "") -> str | None:
+            """The reason for a member whose data runs past the end of the file, else None."""
+            present = max(0, min(size, scan.size - offset))
+            return None if present == size else f"tar shard truncated ({what}{present} of {size} bytes present)"
 
         out = []
         orphans = 0
@@ -141,9 +212,12 @@ class WebDatasetSource(ImageSource):
                     continue
                 label, problem = -1, None
                 if not clss:
-                    problem = "no .cls label"
+                    problem = "no .cls label" + (" (the tar shard is damaged: it may have been lost)"
+                                                 if scan.damage else "")
                 elif len(clss) > 1:
                     problem = "several .cls members"
+                elif (cut := cut_off(*clss[0], what="its .cls member: ")) is not None:
+                    problem = cut
                 else:
                     f.seek(clss[0][0])
                     text = f.read(min(clss[0][1], 64)).decode("utf-8", "replace").strip()
@@ -151,10 +225,14 @@ class WebDatasetSource(ImageSource):
                         label = int(text)
                     else:
                         problem = f"bad .cls label {text[:20]!r} (expected a non-negative integer)"
-                out.append((prefix, images, label, problem))
+                cut = cut_off(images[0][1], images[0][2]) if len(images) == 1 else None
+                out.append((prefix, images, label, cut or problem))
         if orphans:
             self.warnings.append(f"{path}: {orphans} .cls member(s) with no image member ignored")
         return out
+
+    def notes(self) -> list[str]:
+        return super().notes() + [f"damaged tar shard {p}: {r}" for p, r in self.damaged.items()]
 
     def where(self, i: int) -> str:
         i = self._index(i)

@@ -19,13 +19,14 @@ from zarr.codecs import Crc32cCodec
 
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
-from repa_pipe.cache.lock import cache_lock
+from repa_pipe.cache.lock import cache_lock, wait_for_cache_lock
 from repa_pipe.cache.manifest import (DEFAULT_SHARD_SIZE, ArrayEntry, ArraySpec, BadRow, Dataset, Manifest, is_cache, read_manifest,
                                       utc_now, write_manifest)
 from repa_pipe.pipeline.errors import CacheMismatchError, NotACacheError
 from repa_pipe.pipeline.fileio import atomic_write_json, fsync_path, read_json
 
 LOCK_FILES = {".lock", "locks"}
+CREATION_FILES = {"index", "cache.zarr"}  # written, in this order, before the manifest of a new cache
 
 
 def check_target(root: Path) -> None:
@@ -35,7 +36,12 @@ def check_target(root: Path) -> None:
         return
     if not root.is_dir():
         raise NotACacheError(f"{root}: exists and is not a folder; pass a new or empty folder to --cache")
-    if any(p.name not in LOCK_FILES for p in root.iterdir()):
+    names = {p.name for p in root.iterdir()}
+    if names - LOCK_FILES:
+        if wait_for_cache_lock(root) and is_cache(root):  # another job was creating it just now
+            return
+        if all(n in LOCK_FILES | CREATION_FILES or n.startswith(".manifest.json.") for n in names):
+            return  # the creation of this cache was killed before its manifest: it is made again
         raise NotACacheError(f"{root}: folder exists, is not empty and is not a repa-pipe cache; "
                              "pass a new or empty folder to --cache")
 

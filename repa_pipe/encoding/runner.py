@@ -49,8 +49,15 @@ class EncodeJob:
 
 
 def open_checked_source(cfg: EncodeLatentsConfig | EncodeFeaturesConfig) -> ImageSource:
-    """The source of an encode command, listed, with its warnings printed once."""
+    """The source of an encode command, listed, with its warnings printed once. A source with damaged tar shards
+    is refused (before anything is written) unless --skip-bad."""
     source = open_source(cfg.source, cfg.num_classes)
+    damaged: dict[str, str] = getattr(source, "damaged", {})
+    if damaged and not cfg.skip_bad:
+        path, reason = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more damaged tar shard(s))" if len(damaged) > 1 else ""
+        raise BadInputError(f"{path}: damaged tar shard ({reason}){more}; pass --skip-bad to encode the samples "
+                            "readable before the damage and record the lost ones as bad samples")
     for w in source.warnings:
         log(f"[yellow]warning:[/] {escape(w)}")
     return source
@@ -141,7 +148,7 @@ def encode_shards(job: EncodeJob, name: str, manifest: Manifest, model_fn: Model
     if errors:
         first = errors[0]
         if isinstance(first, Stopped) and final is not None:
-            raise Stopped(f"stopped by {first}: {final.shards_done}/{w.num_shards} shards of {name} are done and "
+            raise Stopped(f"on {first}, {final.shards_done}/{w.num_shards} shards of {name} are done and "
                           "kept; run the same command to resume", first.signum)
         raise first
     if final is not None:
@@ -164,17 +171,22 @@ def _encode_owned(job: EncodeJob, w: writer.ShardWriter, shards: list[int], mode
                         worker_init_fn=loader_worker_init if job.workers else None)
     row_shape = w.spec.row_shape
     it = iter(loader)
-    with Tracker(job.desc, sum(e - s for s, e in ranges)) as bar:
-        for k, (start, stop_row) in zip(shards, ranges):
-            buf = np.full((stop_row - start, *row_shape), np.nan, dtype=w.spec.dtype)
-            bad: list[BadRow] = []
-            for _ in range(start, stop_row, job.batch_size):
-                if stop.requested:
-                    raise Stopped(stop.name, stop.signum)
-                batch = next(it)
-                _encode_batch(job, batch, start, buf, bad, model_fn, w.spec)
-                bar.update(len(batch.indices))
-            w.write(k, buf, bad)
+    try:
+        with Tracker(job.desc, sum(e - s for s, e in ranges)) as bar:
+            for k, (start, stop_row) in zip(shards, ranges):
+                buf = np.full((stop_row - start, *row_shape), np.nan, dtype=w.spec.dtype)
+                bad: list[BadRow] = []
+                for _ in range(start, stop_row, job.batch_size):
+                    if stop.requested:
+                        raise Stopped(stop.name, stop.signum)
+                    batch = next(it)
+                    _encode_batch(job, batch, start, buf, bad, model_fn, w.spec)
+                    bar.update(len(batch.indices))
+                w.write(k, buf, bad)
+    finally:
+        # Shut the loader's workers down now: on an error or a stop the exception's traceback would keep this frame,
+        # and so the iterator, alive until exit, where its workers (which ignore SIGTERM) would block the exit.
+        del it
 
 
 def _encode_batch(job: EncodeJob, batch: PreprocessedBatch, shard_start: int, buf: np.ndarray,

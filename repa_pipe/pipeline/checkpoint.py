@@ -63,13 +63,14 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def _no_space(e: BaseException) -> bool:
-    """torch.save wraps the OSError of a full disk in a RuntimeError ("unexpected pos ..."): look through it."""
+def _no_space(e: BaseException) -> int | None:
+    """The errno of a full disk, a quota or a file-size limit behind `e`, else None. torch.save wraps the OSError
+    in a RuntimeError ("unexpected pos ..."): look through it."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            return True
+            return e.errno
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -84,7 +85,12 @@ def save(path: Path, state: dict[str, Any]) -> None:
         atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(path.parent).free
-        if _no_space(e) or free < need:
+        code = _no_space(e)
+        if code == errno.EFBIG:  # not the disk: a file-size limit (`ulimit -f`, or the file system's largest file)
+            raise CheckpointError(f"{path}: file too large: the checkpoint (about {_gb(need)}) exceeds the largest "
+                                  "file this process may write (see `ulimit -f`) or this file system holds; raise "
+                                  "the limit or use another --run-dir, and run the same command to resume") from None
+        if code is not None or free < need:
             raise CheckpointError(f"{path}: no space left on device while saving the checkpoint (about "
                                   f"{_gb(need)} needed, {_gb(free)} free); free some space and run the same "
                                   "command to resume") from None

@@ -106,7 +106,7 @@ def run_sampling(cfg: SampleEvalConfig, s: Sampler, key: Optional[dict[str, Any]
     stopped = [e for e in dist.all_gather_object(err) if e is not None]
     if stopped:
         done = sum(shards.shard_path(out, k).is_file() for k in range(n_shards))
-        raise Stopped(f"stopped by {stopped[0]}: {done}/{n_shards} sample shards are done and kept; run the same "
+        raise Stopped(f"on {stopped[0]}, {done}/{n_shards} sample shards are done and kept; run the same "
                       "command to resume", stopped[0].signum)
     return n_shards
 

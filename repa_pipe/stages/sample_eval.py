@@ -75,6 +75,8 @@ def eval_only(cfg: SampleEvalConfig) -> None:
 
 
 def run(cfg: SampleEvalConfig) -> None:
+    if cfg.cache is not None and not is_cache(Path(cfg.cache)):  # refused even when no metric would read it
+        raise ConfigError(f"--cache {cfg.cache}: not a repa-pipe cache (no manifest.json)")
     dist.init()
     if cfg.eval_only is not None:
         return eval_only(cfg)

@@ -34,8 +34,7 @@ class TrainConfig:
     grad_clip: float = option(1.0, "Gradient-norm clipping threshold.", metavar="X")
     proj_coeff: float = option(0.5, "Weight of the alignment loss (lambda).", metavar="X")
     encoder_depth: Optional[int] = option(None, "Align the hidden state after this block (1-indexed). Default: the "
-                                                "paper's 8 for L and XL, 4 for B; a third of the blocks for "
-                                                "other sizes.", metavar="N")
+                                                "paper's 8 for L and XL, 4 for B; 4 for S, 2 for T.", metavar="N")
     projector_dim: int = option(2048, "Projector MLP width.", metavar="N")
     align_loss: str = option("cosine", "Alignment loss: cosine (per-token negative cosine, the paper's) or ntxent.",
                              metavar="NAME", choices=ALIGN_LOSSES)
@@ -100,4 +99,6 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list
     if fixed:
         raise ConfigError(f"this run was trained with other settings: {', '.join(fixed)}; these cannot change on "
                           "resume: use another --run-dir or the same options")
-    return {k: [saved.get(k), v] for k, v in now.items() if k != "cache" and saved.get(k) != v}
+    # --cache and --run-dir are locations spelled as typed (relative to the working folder), not settings: a run
+    # resumed from another folder or after a move changed neither (the record tracks the cache's location)
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in ("cache", "run_dir") and saved.get(k) != v}
