@@ -552,3 +552,23 @@ def test_batch_stream_shortens_the_gil_switch_interval_and_restores_it(sd_cache)
     finally:
         s.close()
     assert sys.getswitchinterval() == before
+
+
+def test_batch_stream_rows_are_right_after_its_buffer_ring_wraps(sd_cache):
+    """The stream reuses a ring of buffers: every batch, consumed in order, holds exactly its rows."""
+    from repa_pipe.cache.reader import CacheReader
+
+    spec = view_of(sd_cache)
+    s = train_data.BatchStream(sd_cache, spec, 8, 1, 0, 1, 0.1, 0, 14, prefetch=2, threads=1)
+    reader = CacheReader(sd_cache, [spec.latents, *spec.features], threads=1)
+    try:
+        assert len(s._ring) == 4  # prefetch + 2: wraps 3 times in 14 steps
+        for step in range(14):
+            b = next(s)
+            want = reader.gather(s.sampler.batch_at(step))
+            assert b.step == step
+            np.testing.assert_array_equal(b.moments.numpy(), want[spec.latents])
+            np.testing.assert_array_equal(b.features[0].numpy(), want[spec.features[0]])
+    finally:
+        s.close()
+        reader.close()

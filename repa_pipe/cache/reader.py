@@ -21,7 +21,7 @@ from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.cache.manifest import Manifest, read_manifest
 from repa_pipe.cache.writer import read_markers
-from repa_pipe.pipeline.errors import CacheMismatchError, CorruptDataError
+from repa_pipe.pipeline.errors import CorruptDataError
 from repa_pipe.pipeline.hashing import sha256_int64
 from repa_pipe.pipeline.seeding import order_rng
 
@@ -213,14 +213,19 @@ class CacheReader:
     def valid_indices(self) -> np.ndarray:
         return np.flatnonzero(self.valid)
 
-    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """{array name: rows, "labels": (B,) int64} for `indices`; every index must be valid."""
+    def gather(self, indices: np.ndarray, out: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+        """{array name: rows, "labels": (B,) int64} for `indices`; every index must be valid. `out` holds a
+        reused buffer per array (see `ArrayReader.gather`)."""
         indices = np.asarray(indices, dtype=np.int64)
         if not self.valid[indices].all():
             raise ValueError(f"invalid rows requested: {indices[~self.valid[indices]][:8].tolist()}")
-        out = {n: a.gather(indices) for n, a in self.arrays.items()}
-        out["labels"] = self.labels[indices]
-        return out
+        got = {n: a.gather(indices, out=out[n] if out else None) for n, a in self.arrays.items()}
+        got["labels"] = self.labels[indices]
+        return got
+
+    def buffers(self, batch: int) -> dict[str, np.ndarray]:
+        """One empty (batch, *row) buffer per array, for `gather(..., out=)`."""
+        return {n: np.empty((batch, *a.shape[1:]), dtype=a.dtype) for n, a in self.arrays.items()}
 
     def close(self) -> None:
         for a in self.arrays.values():

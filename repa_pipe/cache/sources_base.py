@@ -22,7 +22,6 @@ import io
 import operator
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError

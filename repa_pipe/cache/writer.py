@@ -20,8 +20,8 @@ from zarr.codecs import Crc32cCodec
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.cache.lock import cache_lock, wait_for_cache_lock
-from repa_pipe.cache.manifest import (DEFAULT_SHARD_SIZE, ArrayEntry, ArraySpec, BadRow, Dataset, Manifest, is_cache, read_manifest,
-                                      utc_now, write_manifest)
+from repa_pipe.cache.manifest import (DEFAULT_SHARD_SIZE, ArrayEntry, ArraySpec, BadRow, Dataset, Manifest, is_cache,
+                                      read_manifest, utc_now, write_manifest)
 from repa_pipe.pipeline.errors import CacheMismatchError, NotACacheError
 from repa_pipe.pipeline.fileio import atomic_write_json, fsync_path, read_json
 

@@ -58,7 +58,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str
-    timm_name: str | None          # timm architecture (+ pretrained tag if any); None: VisionTransformer(**model_kwargs)
+    timm_name: str | None          # timm architecture (+ pretrained tag); None: VisionTransformer(**model_kwargs)
     hub_id: str | None             # HF hub repo of timm-format weights; None -> weights must be given
     patch_size: int
     embed_dim: int

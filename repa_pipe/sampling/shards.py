@@ -2,8 +2,8 @@
 
 OUT/shards/NNNNNN.npz holds samples [k*S, min((k+1)*S, N)) (`images` uint8 (n, H, W, 3), `labels` (n,) int64),
 written atomically: a shard file that exists is complete, so a killed run resumes by skipping them.
-The final OUT/samples.npz (`arr_0` (N, H, W, 3) uint8, `arr_1` (N,) labels, as ADM's class-conditional batches) is streamed shard by shard into the zip,
-so 50,000 256x256 images (9.8 GB) never sit in memory at once.
+The final OUT/samples.npz (`arr_0` (N, H, W, 3) uint8, `arr_1` (N,) labels, as ADM's class-conditional batches)
+is streamed shard by shard into the zip, so 50,000 256x256 images (9.8 GB) never sit in memory at once.
 """
 from __future__ import annotations
 

@@ -58,6 +58,10 @@ class BatchStream:
         self.global_batch = global_batch
         self.pin = torch.cuda.is_available()
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
+        # Rows land in reused buffers (1.45-1.6x faster than a fresh allocation per batch, docs/benchmarks.md). While
+        # the producer fills the buffer of step s, at most `prefetch` later-consumed batches sit in the queue and the
+        # trainer holds one more, so a ring of prefetch + 2 never overwrites a batch still in use.
+        self._ring = [self.reader.buffers(global_batch // world) for _ in range(prefetch + 2)]
         self.wait_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start_step, end_step), daemon=True)
@@ -69,7 +73,7 @@ class BatchStream:
 
     def _make(self, step: int) -> Batch:
         rows = self.sampler.batch_at(step)
-        got = self.reader.gather(rows)
+        got = self.reader.gather(rows, out=self._ring[step % len(self._ring)])
         draws = draw_step(self.seed, step, self.global_batch,
                           (self.spec.latent_channels, self.spec.latent_size, self.spec.latent_size), self.dropout)
         draws = {k: v[self.lo:self.hi] for k, v in draws.items()}
