@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFile
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,11 +49,9 @@ TRAIN = ["--model", "SiT-T/2", "--encoder", "tiny", "--encoder-depth", "2", "--p
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """One torch thread for the whole module (conftest.py), in force before its module-scoped fixtures run."""
     yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------ commands

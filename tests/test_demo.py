@@ -119,3 +119,17 @@ def test_demo_bad_inputs_are_one_line(tmp_path):
         r = invoke(["demo", tmp_path / "out", *args])
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 1 and lines[-1].startswith("error:") and words in lines[-1], (args, r.output)
+
+
+@pytest.mark.slow
+def test_the_readme_demo_draws_the_digits_it_is_asked_for(tmp_path, monkeypatch):
+    """The issue's bar, with the README's exact command (about 3 minutes on 2 cores): at least 80% of the
+    class-balanced samples are judged as their conditioning digit. Run with `python -m pytest -m slow`."""
+    attempts = forbid_network(monkeypatch)
+    out = tmp_path / "demo"
+    r = invoke(["demo", out])
+    assert r.exit_code == 0, r.output
+    assert attempts == []
+    d = json.loads((out / "demo.json").read_text())
+    assert d["judge"]["num_samples"] == 200 and d["judge"]["accuracy"] >= 0.8, d["judge"]
+    assert set(d["seconds"]) == {"data and judge", "encoder", "encodes", "training", "sampling and judging"}

@@ -29,12 +29,9 @@ from repa_pipe.cache.sources import load_preprocessed, open_source
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: fast on a shared 2-core box, and the same numerics as a torchrun rank (OMP=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """One torch thread for the whole module (conftest.py), in force before its module-scoped fixtures run."""
     yield
-    torch.set_num_threads(n)
 
 
 def common(src, cache, *extra, shard=SHARD, res=RES, workers=0, batch=5):

@@ -35,7 +35,7 @@ from repa_pipe.training import stream as train_data
 from repa_pipe.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import SD_SCALE, CacheOpts, Features, Latents, make_cache  # noqa: E402
+from train_fixtures import SD_SCALE, CacheOpts, Features, Latents, assert_states_equal, make_cache  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 TINY = dict(model="SiT-T/2", encoder=("dinov2-b",), encoder_depth=2, projector_dim=64, global_batch_size=8,
@@ -44,14 +44,10 @@ TINY_ARGS = ["--model", "SiT-T/2", "--encoder-depth", "2", "--projector-dim", "6
              "--lr", "1e-3", "--log-every", "1", "--sample-every", "0", "--precision", "fp32", "--loader-threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Polite on 2 shared cores (OpenMP threads spin badly under load); module-scoped so it is in force before
-    the module-scoped training fixtures run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(one_torch_thread):
+    """One torch thread for the whole module (conftest.py), in force before its module-scoped fixtures run."""
     yield
-    torch.set_num_threads(n)
 
 
 def tiny(cache: Path, run: Path, **kw) -> TrainConfig:
@@ -87,20 +83,6 @@ def error_line(result) -> str:
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
     return errors[0]
-
-
-def assert_states_equal(a: dict, b: dict) -> None:
-    """Bitwise: model, EMA, optimizer (moments and step counts), grad scaler, step."""
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    oa, ob = a["opt"], b["opt"]
-    assert oa["param_groups"] == ob["param_groups"]
-    for i in oa["state"]:
-        for k in oa["state"][i]:
-            assert torch.equal(oa["state"][i][k], ob["state"][i][k]), ("opt", i, k)
-    assert a["scaler"] == b["scaler"] and a["step"] == b["step"] and a["sampler"] == b["sampler"]
 
 
 @pytest.fixture(scope="module")

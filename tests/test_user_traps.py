@@ -37,7 +37,7 @@ from repa_pipe.sampling import sampler as sampler_mod
 from repa_pipe.sampling.decode import choose_decoder
 from repa_pipe.stages import sample_eval
 from repa_pipe.training.config import TrainConfig
-from train_fixtures import SD_SCALE, CacheOpts, Latents, make_cache
+from train_fixtures import SD_SCALE, CacheOpts, Latents, assert_states_equal, make_cache
 
 TINY_ARGS = ["--model", "SiT-T/2", "--encoder-depth", "2", "--projector-dim", "64", "--global-batch-size", "8",
              "--lr", "1e-3", "--log-every", "1", "--sample-every", "0", "--precision", "fp32", "--loader-threads", "1"]
@@ -45,13 +45,10 @@ SAMPLE_ARGS = ["--num-samples", "4", "--num-steps", "2", "--batch-size", "4", "-
 STOP_LINE = "; run the same command to resume"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses get (OMP_NUM_THREADS=1): the same numerics, and polite on 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(one_torch_thread):
+    """One torch thread for the whole module (conftest.py), in force before its module-scoped fixtures run."""
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +104,6 @@ def metrics(run: Path) -> list[dict]:
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return z["arr_0"], z["arr_1"]
-
-
-def assert_states_equal(a: dict, b: dict) -> None:
-    """Bitwise: model, EMA, optimizer (moments and step counts), grad scaler, step (as tests/test_train.py)."""
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    oa, ob = a["opt"], b["opt"]
-    assert oa["param_groups"] == ob["param_groups"]
-    for i in oa["state"]:
-        for k in oa["state"][i]:
-            assert torch.equal(oa["state"][i][k], ob["state"][i][k]), ("opt", i, k)
-    assert a["scaler"] == b["scaler"] and a["step"] == b["step"] and a["sampler"] == b["sampler"]
 
 
 class Running:
@@ -402,7 +385,7 @@ def test_5_usage_errors_are_one_line(tmp_path, monkeypatch, args, words):
 
 
 # ------------------------------------------------------------------------------------ 6. stop on a signal, resume
-TRAIN_LINE = re.compile(r"^train: step (\d+)/(\d+) step \(\d+\.\d step/s, eta (\d+s|\d+m\d\ds|\d+h\d\dm|\?)\)  "
+TRAIN_LINE = re.compile(r"^train: step (\d+)/(\d+) \(\d+\.\d step/s, eta (\d+s|\d+m\d\ds|\d+h\d\dm|\?)\)  "
                         r"loss \d+\.\d{4}  denoise ")
 
 

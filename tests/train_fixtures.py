@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from repa_pipe.cache import writer
 from repa_pipe.cache.manifest import ArraySpec, Dataset, Manifest, features_spec, latents_spec
@@ -108,3 +109,17 @@ def make_cache(root: Path, opts: CacheOpts | None = None) -> Path:
         data = rng.standard_normal((o.n, f.grid * f.grid, f.dim)).astype(np.float16)
         _write(root, spec, data, spec.name in o.unfinished)
     return root
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    """Two training checkpoints, bitwise: model, EMA, optimizer (moments and step counts), grad scaler, step."""
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    oa, ob = a["opt"], b["opt"]
+    assert oa["param_groups"] == ob["param_groups"]
+    for i in oa["state"]:
+        for k in oa["state"][i]:
+            assert torch.equal(oa["state"][i][k], ob["state"][i][k]), ("opt", i, k)
+    assert a["scaler"] == b["scaler"] and a["step"] == b["step"] and a["sampler"] == b["sampler"]

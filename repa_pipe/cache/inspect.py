@@ -104,21 +104,18 @@ class VerifyReport:
 
 
 def _check_index(root: Path, m: Manifest, report: VerifyReport) -> None:
+    """keys.txt and labels.npy: readable, N entries, the sha256 the manifest recorded."""
     paths = CachePaths(root)
-    try:
-        keys = layout.read_keys(root)
-        if len(keys) != m.n or hash_lines(keys) != m.dataset.file_list_sha256:
-            report.problems.append(f"index: {paths.keys} differs from what was written ({len(keys)} keys, "
-                                   f"N={m.n}; or its sha256)")
-    except (OSError, UnicodeDecodeError) as e:
-        report.problems.append(f"index: {paths.keys} unreadable ({e})")
-    try:
-        labels = layout.read_labels(root)
-        if len(labels) != m.n or sha256_int64(labels) != m.dataset.labels_sha256:
-            report.problems.append(f"index: {paths.labels} differs from what was written ({len(labels)} labels, "
-                                   f"N={m.n}; or its sha256)")
-    except (OSError, ValueError) as e:
-        report.problems.append(f"index: {paths.labels} unreadable ({e})")
+    for path, read, digest, want in ((paths.keys, layout.read_keys, hash_lines, m.dataset.file_list_sha256),
+                                     (paths.labels, layout.read_labels, sha256_int64, m.dataset.labels_sha256)):
+        try:
+            values = read(root)
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            report.problems.append(f"index: {path} unreadable ({e})")
+            continue
+        if len(values) != m.n or digest(values) != want:
+            report.problems.append(f"index: {path} differs from what was written ({len(values)} entries, N={m.n}; "
+                                   "or its sha256)")
 
 
 def _bad_rows(reader: ArrayReader, rows: np.ndarray) -> list[int]:

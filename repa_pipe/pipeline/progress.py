@@ -76,9 +76,10 @@ class Tracker:
         r = self.rate()
         return (self.total - self.done) / r if r > 0 else float("nan")
 
-    def status(self) -> str:
-        """'1200/400000 step (3.1 step/s, eta 35h48m)'."""
-        return (f"{self.done:.0f}/{self.total:.0f} {self.unit} ({self.rate():.1f} {self.unit}/s, "
+    def status(self, count_unit: bool = True) -> str:
+        """'1200/400000 img (3.1 img/s, eta 35h48m)'; without `count_unit` '1200/400000 (3.1 img/s, ...)'."""
+        unit = f" {self.unit}" if count_unit else ""
+        return (f"{self.done:.0f}/{self.total:.0f}{unit} ({self.rate():.1f} {self.unit}/s, "
                 f"eta {human_duration(self.eta_s())})")
 
     def update(self, n: float = 1, fields: Optional[str] = None) -> None:

@@ -16,6 +16,7 @@ projector; sampling with Heun's ODE, 25 steps, guidance 2.0 at every step. lr an
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig
 from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.errors import BadInputError
 from repa_pipe.pipeline.fileio import atomic_write_json, read_json
-from repa_pipe.pipeline.progress import Tracker, console, log
+from repa_pipe.pipeline.config import to_dict
+from repa_pipe.pipeline.progress import Tracker, console, human_duration, log
 from repa_pipe.sampling.config import SampleEvalConfig
 from repa_pipe.stages import encode_features, encode_latents, sample_eval, train
 from repa_pipe.training.config import TrainConfig
@@ -89,7 +91,25 @@ def judge_samples(judge: Judge, samples: Path) -> dict:
     return score
 
 
+class Clock:
+    """Wall time of the demo's phases, for its summary line and OUT/demo.json."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.last, 1)
+        self.last = now
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {human_duration(v)}" for k, v in self.phases.items())
+        return f"{human_duration(time.perf_counter() - self.t0)} ({parts})"
+
+
 def run(cfg: DemoConfig) -> None:
+    clock = Clock()
     out = Path(cfg.out)
     if cfg.source is None:
         images = write_digits_imagefolder(out / "images", size=cfg.side)
@@ -103,25 +123,34 @@ def run(cfg: DemoConfig) -> None:
     log(f"[bold]demo 1/6[/]: {len(source)} images of {source.num_classes} classes ({what}) at {cfg.side} px")
     real, labels = real_images(source, cfg.side)
     judge = Judge.fit(real, labels, seed=cfg.seed)
+    clock.lap("data and judge")
     log(f"[bold]demo 2/6[/]: the judge, an MLP trained on 80% of the real images, classifies the other 20% with "
         f"accuracy {judge.heldout_accuracy:.3f}")
     log("[bold]demo 3/6[/]: training the alignment target, the `tiny` ViT, self-supervised (SimCLR) on the images")
     encoder = train_encoder(cfg, real, out / "encoder")
+    clock.lap("encoder")
     cache, run_dir, samples = out / "cache", out / "run", out / "samples"
     lat, feat, tr, se = stage_configs(cfg, images, encoder, cache, run_dir, samples)
     log(f"[bold]demo 4/6[/]: encoding into {cache}")
     encode_latents.run(lat)
     encode_features.run(feat)
+    clock.lap("encodes")
     if dist.is_main():
         inspect.render_info(inspect.info(cache), console)
     log(f"[bold]demo 5/6[/]: training {tr.model} {'+ REPA' if cfg.align else '(no alignment)'} for {cfg.steps} "
         f"steps into {run_dir}")
     train.run(tr)
+    clock.lap("training")
     log(f"[bold]demo 6/6[/]: sampling {cfg.num_samples} class-balanced images into {samples}")
     sample_eval.run(se)
     score = judge_samples(judge, samples)
+    clock.lap("sampling and judging")
+    total = round(time.perf_counter() - clock.t0, 1)
+    atomic_write_json(out / "demo.json", {"seconds": clock.phases, "total_seconds": total, "judge": score,
+                                          "config": to_dict(cfg)})
     log(f"[bold green]judge[/]: {score['accuracy']:.1%} of {cfg.num_samples} samples show the class they were drawn "
         f"for (chance {1 / source.num_classes:.0%}; the judge's own held-out accuracy on real images "
         f"{judge.heldout_accuracy:.1%}); its Frechet distance to the real images {score['fd']:.1f}")
-    log(f"done: samples {samples / 'grid.png'}, loss curve {run_dir / 'loss.png'}, scores {samples / 'judge.json'}"
+    log(f"done in {clock.summary()}")
+    log(f"samples {samples / 'grid.png'}, loss curve {run_dir / 'loss.png'}, scores {samples / 'judge.json'}"
         + (f", metrics {samples / 'metrics.json'}" if cfg.inception_weights else ""))

@@ -87,7 +87,7 @@ class Watcher:
                    f"{rec['images_per_s']:.0f} img/s")
         self.bar.update(0, fields=summary)
         if not self.bar.live:
-            log(f"train: step {self.bar.status()}  {summary}  grad {rec['grad_norm']:.3f}  "
+            log(f"train: step {self.bar.status(count_unit=False)}  {summary}  grad {rec['grad_norm']:.3f}  "
                 f"wait {100 * rec['data_wait_frac']:.1f}%")
 
     def decoder(self) -> Optional[Decoder]:
