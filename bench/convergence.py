@@ -129,8 +129,16 @@ def plot(results: dict, path: Path) -> None:
 def kept_findings() -> str:
     """The hand-written reading of the numbers below "## What it shows", kept when the study is re-run."""
     if DOC.is_file() and "## What it shows" in DOC.read_text():
+        print(f"kept the hand-written findings of {DOC}: re-read them against the new tables", flush=True)
         return DOC.read_text().split("## What it shows", 1)[1].strip()
     return "(to be written after reading the numbers)"
+
+
+def runs_span(root: Path) -> str:
+    """When the runs' results were written: a resumed study reports runs from several invocations."""
+    times = sorted(p.stat().st_mtime for p in root.glob("run-*/convergence.json"))
+    fmt = lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))  # noqa: E731
+    return f"The runs' results were written between {fmt(times[0])} and {fmt(times[-1])}." if times else ""
 
 
 def encoder_probe(cache: Path, seed: int) -> float:
@@ -147,7 +155,7 @@ def encoder_probe(cache: Path, seed: int) -> float:
         r.close()
 
 
-def report(results: dict, info: dict, args, seeds: list[int], encoder_probes: dict) -> str:
+def report(results: dict, info: dict, args, seeds: list[int], encoder_probes: dict, span: str) -> str:
     steps = [r["step"] for r in results[VARIANTS[0]][seeds[0]]["curve"]]
     rows = []
     for key, name in (("acc_guided", "judge acc., guided"), ("acc_unguided", "judge acc., unguided"),
@@ -161,7 +169,8 @@ def report(results: dict, info: dict, args, seeds: list[int], encoder_probes: di
         [name, variant, *[" / ".join(f"{results[variant][s]['curve'][i][key]:{'.0f' if key == 'fd' else '.3f'}}"
                                      for s in seeds) for i in range(len(steps))]]
         for key, name in (("acc_guided", "judge acc., guided"), ("acc_unguided", "judge acc., unguided"),
-                          ("fd", "judge FD"), ("cknna", "CKNNA, block 2")) for variant in VARIANTS])
+                          ("fd", "judge FD"), ("cknna", "CKNNA, block 2"), ("probe", "probe acc., block 2"))
+        for variant in VARIANTS])
     reach_rows = []
     for variant in VARIANTS:
         cells = []
@@ -176,7 +185,7 @@ def report(results: dict, info: dict, args, seeds: list[int], encoder_probes: di
     findings = kept_findings()
     return f"""# Convergence: REPA versus the SiT baseline, measured
 
-`python bench/convergence.py` ({'quick run' if args.quick else 'full run'}). {C.machine_line(info)}
+`python bench/convergence.py` ({'quick run' if args.quick else 'full run'}). {C.machine_line(info)} {span}
 
 **Setup.** The demo's data and recipe (`repa-pipe demo`: scikit-learn's 1,797 digits at 8 px, SiT-T/1, batch 64,
 AdamW lr {demo.LR}, EMA {demo.EMA}, bf16), {args.steps} steps, seeds {', '.join(map(str, seeds))}; every variant and
@@ -260,7 +269,7 @@ def main() -> None:
     encoder_probes["pixels"] = linear_probe(real.reshape(len(real), -1).astype(np.float32), labels, 0.25, 0)
     info["load_end"] = C.loadavg()
     (root / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
-    text = report(results, info, args, seeds, encoder_probes)
+    text = report(results, info, args, seeds, encoder_probes, runs_span(root))
     print(text)
     if C.should_write_docs(args):
         plot(results, PLOT)

@@ -20,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+from repa_pipe.stages.demo import PHASES  # noqa: E402
+
 README_COMMAND = ["demo", "OUT"]
 
 
@@ -53,7 +55,7 @@ def main() -> None:
         print(f"run {i + 1}: {r['wall_seconds']:.0f} s, judge {r['judge']['accuracy']:.3f}, phases {r['seconds']}",
               flush=True)
     info["load_end"] = C.loadavg()
-    phases = list(results[0]["seconds"])
+    phases = list(PHASES)  # demo.json's keys are sorted; report them in the order they run
     rows = [[f"run {i + 1}", f"{r['wall_seconds']:.0f}", *[f"{r['seconds'][p]:.0f}" for p in phases],
              f"{r['judge']['accuracy']:.3f}", f"{r['judge']['fd']:.1f}", r["judge"]["num_samples"]]
             for i, r in enumerate(results)]

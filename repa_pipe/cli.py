@@ -9,6 +9,7 @@ needs no `--`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import inspect
 import sys
@@ -122,6 +123,20 @@ def _call(fn: Callable[[], Any]) -> None:
         if _state["debug"]:
             raise
         fail(str(e).replace("[", r"\["))
+    except OSError as e:  # the file system said no: a path we cannot create or write, a full disk
+        if _state["debug"]:
+            raise
+        fail(_os_error_line(e).replace("[", r"\["))
+
+
+def _os_error_line(e: OSError) -> str:
+    """'PATH: No space left on device; free space and run the same command again (finished work is kept)'."""
+    where = ": ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    what = e.strerror or str(e)
+    line = f"{where}: {what}" if where else what
+    if e.errno == errno.ENOSPC:
+        line += "; free space and run the same command again (finished work is kept)"
+    return line
 
 
 # ------------------------------------------------------------------------------------------------ generation

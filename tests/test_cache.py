@@ -25,8 +25,8 @@ def _dataset(n=N, keys=KEYS, labels=LABELS) -> Dataset:
                    labels_sha256=sha256_int64(labels))
 
 
-def _spec(shape=(N, 4, 3), dtype="float16", model="t", weights="w") -> ArraySpec:
-    return ArraySpec(kind="features", model=Provenance(name=model, weights_id=weights, weights_hash="h",
+def _spec(shape=(N, 4, 3), dtype="float16", model="t", weights="w", weights_hash="h") -> ArraySpec:
+    return ArraySpec(kind="features", model=Provenance(name=model, weights_id=weights, weights_hash=weights_hash,
                                                        random_init=False),
                      dtype=dtype, shape=tuple(shape), precision="fp32", preprocessing={})
 
@@ -113,7 +113,8 @@ def test_mismatches_are_clear_errors(tmp_path, data):
     with pytest.raises(CacheMismatchError, match="shard size is 8"):
         writer.open_or_create(root, _dataset(), KEYS, LABELS, 32, 16)
     with pytest.raises(CacheMismatchError, match="made differently.*model"):
-        writer.ensure_array(root, _spec(weights="other"))
+        writer.ensure_array(root, _spec(weights_hash="other"))
+    writer.ensure_array(root, _spec(weights="/moved/w"))  # the same weights, found at another path: the same array
 
 
 def test_array_with_done_shards_is_never_recreated(tmp_path, data):

@@ -408,6 +408,28 @@ def test_flipped_data_byte_stops_training_naming_the_row_and_repair_heals_it(src
     np.testing.assert_array_equal(read_array(cache, FEAT), read_array(base_cache, FEAT))
 
 
+@pytest.mark.parametrize("damage", ["index byte", "truncated"])
+def test_damaged_shard_index_or_truncated_file_is_named_and_repair_heals_it(src, base_cache, tmp_path, damage):
+    """Damage to a shard as a whole (its index, or a file cut short) is one problem naming the shard, not a list
+    of rows; --repair hands it back and the same encode command rewrites it (zarr must not read the old file)."""
+    cache = copy_cache(base_cache, tmp_path / "cache")
+    k = 2
+    path = shard_file(cache, FEAT, k, 3)
+    if damage == "index byte":
+        flip_byte(path, path.stat().st_size - 40)  # inside the index (16 bytes per row, then a 4-byte crc32c)
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    problems = verify_problems(cache)
+    assert problems and all(f"shard {k}" in p for p in problems), problems
+    assert not any("row(s)" in p for p in problems), problems  # the shard, not each of its rows
+    r = invoke(["cache", "verify", cache, "--repair"])
+    assert r.exit_code == 1 and f"[{k}]" in flat(r.output), r.output
+    r = ok(encode("features", src, cache))
+    assert "2/3 shards already done" in flat(r.output), r.output
+    verified(cache)
+    np.testing.assert_array_equal(read_array(cache, FEAT), read_array(base_cache, FEAT))
+
+
 # ==================================================================================== c. every verify hole
 def test_verify_catches_inf_in_a_valid_row(base_cache, tmp_path):
     cache = copy_cache(base_cache, tmp_path / "cache")

@@ -167,6 +167,16 @@ def test_tiny_encoder_weights_file_loads_through_cli(folder, x, tmp_path, monkey
     assert not np.allclose(got, FE.load_encoder("tiny", grid=3)(x).numpy(), atol=1e-2)  # the file was used
     model = json.loads((cache / "manifest.json").read_text())["arrays"]["features/tiny"]["spec"]["model"]
     assert model["random_init"] is False and model["weights_id"] == str(path.resolve())
+    # the same weights from another place are the same array: a re-run is done at once, not refused
+    moved = tmp_path / "elsewhere" / "tiny.pth"
+    moved.parent.mkdir()
+    path.rename(moved)
+    r = ok(features_cmd(folder, cache, "tiny", "--encoder-weights", moved, "--grid", 3))
+    assert "already done" in r.output, r.output
+    # other weights are another array: refused, naming the difference
+    torch.save({k: v + 1 for k, v in sd.items()}, path)
+    r = invoke(features_cmd(folder, cache, "tiny", "--encoder-weights", path, "--grid", 3))
+    assert r.exit_code == 1 and "made differently" in r.output and "model" in r.output, r.output
 
 
 def test_dinov2_b_weights_file_loads_through_cli(folder, x, tmp_path, monkeypatch):

@@ -212,6 +212,16 @@ def test_samples_match_an_independent_sampler_decode_and_quantise(setup, tmp_pat
     assert len(np.unique(arr)) > 50  # not a constant image
 
 
+def test_a_killed_runs_temp_files_are_removed(setup, tmp_path):
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    debris = [out / ".samples.npz.k1ll3d.tmp", out / "shards" / ".000001.npz.k1ll3d.tmp"]
+    for p in debris:
+        p.write_bytes(b"partial")
+    sample_eval.run(config(setup, out, num_steps=2))
+    assert not any(p.exists() for p in debris) and (out / "samples.npz").is_file()
+
+
 def test_guidance_gating_and_scale_one_through_the_stage(setup, tmp_path, monkeypatch):
     real = sampler_mod.sample
     calls: list[tuple[int, int, float, list[int]]] = []  # (batch B, rows given to the model, t, labels)
@@ -462,6 +472,28 @@ def test_without_inception_weights_metrics_are_skipped_in_one_line(setup, tmp_pa
     # --eval-only has nothing to do without Inception: an error naming the option, not a silent exit 0
     line = error_line(invoke(["sample-eval", "--eval-only", out / "samples.npz", "--out", tmp_path / "ev"]))
     assert "--inception-weights" in line
+
+
+def test_metrics_inputs_are_checked_before_any_sample_is_drawn(setup, inception, tmp_path, monkeypatch):
+    """A missing Inception file, --ref-stats file or source-image folder fails in seconds, before sampling."""
+    def no_sampling(*a, **k):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(sample_eval, "run_sampling", no_sampling)
+    cases = [(["--inception-weights", tmp_path / "nope.pth"], "nope.pth does not exist"),
+             (["--inception-weights", inception, "--ref-stats", tmp_path / "ref.npz"],
+              f"--ref-stats {tmp_path / 'ref.npz'}: no such file")]
+    for extra, words in cases:
+        line = error_line(invoke(cli_args(setup, tmp_path / "o", *extra)))
+        assert words in line, (extra, line)
+        assert not (tmp_path / "o").exists()
+    # the cache's source images moved away and no statistics are stored: say so now, name --ref-stats
+    gone = tmp_path / "gone"
+    monkeypatch.setattr(sample_eval, "reference_source",
+                        lambda cfg, loaded: evaluation.ReferenceSource(tmp_path / "stats", str(gone), 32))
+    line = error_line(invoke(cli_args(setup, tmp_path / "o", "--inception-weights", inception)))
+    assert f"source images {gone} are gone" in line and "--ref-stats" in line, line
+    assert not (tmp_path / "o").exists()
 
 
 BAD_NPZ = {

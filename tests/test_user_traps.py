@@ -290,6 +290,32 @@ def test_4_encode_latents_refuses_an_odd_latent_side_and_writes_nothing(tmp_path
     assert tree_stat(tmp_path) == before and not (tmp_path / "cache").exists()
 
 
+def test_4_encode_features_refuses_a_cache_no_codec_could_fill(tmp_path, monkeypatch):
+    make_imagefolder(tmp_path / "imgs", classes=("a", "b"), per_class=2)
+    monkeypatch.chdir(tmp_path)
+    before = tree_stat(tmp_path)
+    line = error_line(invoke(["encode-features", "--source", "imgs", "--cache", "cache", "--encoder", "tiny",
+                              "--resolution", 9, "--workers", 0]))
+    assert "--resolution 9: no latent codec encodes an odd image side" in line, line
+    assert tree_stat(tmp_path) == before and not (tmp_path / "cache").exists()
+    # a cache made at 12 px takes pixel latents but not tiny ones; the message names the cache, not a flag
+    ok(["encode-features", "--source", "imgs", "--cache", "cache", "--encoder", "tiny", "--resolution", 12,
+        "--workers", 0, "--grid", 2])
+    line = error_line(invoke(["encode-latents", "--source", "imgs", "--cache", "cache", "--vae", "tiny",
+                              "--workers", 0]))
+    assert "the cache's resolution 12 (set when it was made) must be a multiple of 8 for --vae tiny" in line, line
+
+
+def test_4_a_model_whose_patch_cannot_tile_the_latents_names_the_flag(tmp_path):
+    from train_fixtures import Features
+
+    four = make_cache(tmp_path / "four", CacheOpts(latents=(Latents(size=4),), features=(Features(grid=2),)))
+    run = tmp_path / "run"
+    line = error_line(invoke(train_args(four, run, 1, "--model", "SiT-T/8")))
+    assert "--model SiT-T/8 (patch 8) cannot tile the cache's latents (latents/pixel, 4x4)" in line, line
+    assert not run.exists()
+
+
 def test_4_refused_train_writes_nothing_new(cache, tmp_path):
     fresh = tmp_path / "fresh"
     line = error_line(invoke(train_args(cache, fresh, 1, "--micro-batch-size", 3)))
@@ -338,6 +364,29 @@ def test_5_no_space_for_a_checkpoint_is_one_line(cache, tmp_path, monkeypatch):
     assert line.startswith(f"error: {checkpoint.ckpt_path(run, 2)}: no space left for the checkpoint (about 0.01 GB "
                            "needed, 0.00 GB free)")
     assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_5_file_system_refusals_are_one_line_naming_the_path(cache, tmp_path, monkeypatch):
+    """A folder that cannot be created, and a disk that fills while a shard is written: one line each."""
+    src = make_imagefolder(tmp_path / "imgs", per_class=2)
+    bad = Path("/proc/no-such-cache")  # mkdir fails here even as root
+    line = error_line(invoke(["encode-latents", "--source", src, "--cache", bad, "--vae", "pixel",
+                              "--resolution", "16", "--workers", "0"]), alone=False)
+    assert line.startswith(f"error: {bad}") and "Traceback" not in line, line
+    assert not bad.exists()
+
+    import errno
+
+    from repa_pipe.cache import writer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "c" / "shard"))
+
+    monkeypatch.setattr(writer.ShardWriter, "write", full)
+    line = error_line(invoke(["encode-latents", "--source", src, "--cache", tmp_path / "c", "--vae", "pixel",
+                              "--resolution", "16", "--workers", "0"]), alone=False)
+    assert line == (f"error: {tmp_path / 'c' / 'shard'}: No space left on device; free space and run the same "
+                    "command again (finished work is kept)"), line
 
 
 def test_5_a_failed_checkpoint_write_is_one_line_and_leaves_no_temp_file(cache, tmp_path):

@@ -76,7 +76,8 @@ def features_spec_of(f: Features, n: int) -> ArraySpec:
 
 def latent_moments(lat: Latents, n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 2C, s, s): blocky means in [-1, 1] (4x4 blocks, so a tiny model memorises them fast), constant std."""
-    coarse = np.tanh(rng.standard_normal((n, lat.channels, max(1, lat.size // 4), max(1, lat.size // 4))))
+    side = -(-lat.size // 4)  # ceil: sides that are not a multiple of 4 are cut from the next block up
+    coarse = np.tanh(rng.standard_normal((n, lat.channels, side, side)))
     mean = np.kron(coarse, np.ones((1, 1, 4, 4)))[:, :, :lat.size, :lat.size]
     std = np.full_like(mean, lat.std)
     return np.concatenate([mean, std], axis=1).astype(np.float32)

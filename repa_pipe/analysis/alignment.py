@@ -12,6 +12,9 @@ Protocol (following the paper's appendix C.1 and its authors' answers in REPA is
   (metrics/cknna.py; platonic-rep's definition);
 - linear probe: standardise with the training split's mean and std (a parameter-free batch norm), then
   multinomial logistic regression (scikit-learn, lbfgs, L2 C=1) on a seeded split; accuracy on the held-out part.
+  The split holds rows out from the probe, not from the diffusion model: the cache is the training set, so the
+  probe's held-out rows are images the SiT trained on, where the paper probes ImageNet validation images. Point
+  `--cache` at a cache of held-out images (same encoder and codec) to probe unseen ones.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 from repa_pipe.pipeline.config import check_at_least, check_choices, option
 from repa_pipe.pipeline.errors import ConfigError
+from repa_pipe.pipeline.precision import NAMES_NO_FP16 as PRECISION_NAMES
 
 
 def parse_times(text: str) -> tuple[float, ...]:
@@ -25,8 +26,9 @@ class AnalyzeConfig:
     run_dir: Path = option(help="Training run folder.", metavar="RUN", argument=True)
     ckpt: Optional[str] = option(None, "Checkpoint step in the run, or a checkpoint file. Default: the run's "
                                        "newest.", metavar="STEP|FILE")
-    cache: Optional[Path] = option(None, "The run's cache, when it moved since training. Default: where the run "
-                                         "recorded it.", metavar="DIR")
+    cache: Optional[Path] = option(None, "The cache to analyse on: the run's own when it moved, or another with "
+                                         "the same latent shape (e.g. held-out images, or other encoders' "
+                                         "features). Default: where the run recorded its cache.", metavar="DIR")
     encoder: Optional[str] = option(None, "Cached features to compare with (an encoder name). Default: the run's "
                                           "first aligned encoder, or the cache's only features array.",
                                     metavar="NAME")
@@ -38,7 +40,7 @@ class AnalyzeConfig:
     probe_holdout: float = option(0.25, "Fraction of the analysed rows held out to score the linear probe.",
                                   metavar="F")
     batch_size: int = option(64, "Rows per model forward.", metavar="N")
-    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=("fp32", "bf16"))
+    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=PRECISION_NAMES)
     seed: int = option(0, "Seed of the row subset, the noise and the probe split.", metavar="N")
 
     def __post_init__(self) -> None:

@@ -136,8 +136,14 @@ def _check_shard(reader: ArrayReader, name: str, k: int, rows: np.ndarray, repor
         try:
             data = reader.gather(chunk)
         except CorruptDataError as e:
+            try:
+                reader.check_shard(k)
+            except CorruptDataError as whole:  # the file or its index, not single rows
+                reason = str(whole).split("; run `repa-pipe cache verify")[0]  # this is verify
+                report.shard_problem(name, k, f"{name}: shard {k}: {reason}")
+                return
             bad = _bad_rows(reader, rows[lo:])
-            if not bad:  # not a row problem: the index or the file itself
+            if not bad:
                 report.shard_problem(name, k, f"{name}: shard {k}: {e}")
                 return
             report.shard_problem(name, k, f"{name}: shard {k}: checksum mismatch in {len(bad)} row(s) "

@@ -135,7 +135,11 @@ class ArraySpec:
 
     @property
     def spec_hash(self) -> str:
-        return hash_json(_to_json(self))
+        """What the bytes are. The weights count by their hash, not by where their file was: an encode resumed
+        after the weights file moved makes the same array."""
+        d = _to_json(self)
+        del d["model"]["weights_id"]
+        return hash_json(d)
 
 
 @dataclass(frozen=True)

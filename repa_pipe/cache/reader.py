@@ -64,6 +64,10 @@ class ArrayReader:
             self._fds[k], self._offsets[k] = fd, index[:, 0].copy()
             return fd, self._offsets[k]
 
+    def check_shard(self, k: int) -> None:
+        """Open shard k and check its index (raises CorruptDataError naming what is wrong); rows are not read."""
+        self._open(k)
+
     def _read_index(self, fd: int, k: int, path: Path) -> np.ndarray:
         """The shard index ((shard_size, 2) offsets and sizes), its own crc32c checked."""
         idx_bytes = self.shard_size * 16

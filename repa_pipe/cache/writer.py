@@ -182,8 +182,11 @@ class ShardWriter:
         expect = (stop - start, *self.spec.row_shape)
         if data.shape != expect:
             raise ValueError(f"shard {k} of {self.name}: got {data.shape}, expected {expect}")
-        self.array[start:stop] = data.astype(self.spec.dtype, copy=False)
         path = self.paths.shard_file(self.name, k, len(expect))
+        # An unmarked shard's old bytes are never trusted: zarr would read (and checksum) their index before
+        # rewriting, so a damaged or truncated file (what `cache verify --repair` hands back) could never heal.
+        path.unlink(missing_ok=True)
+        self.array[start:stop] = data.astype(self.spec.dtype, copy=False)
         fsync_path(path)
         fsync_path(path.parent)
         marker = {"k": k, "start": start, "stop": stop, "bytes": path.stat().st_size, "crc32c": file_crc32c(path),

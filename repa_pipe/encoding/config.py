@@ -8,8 +8,8 @@ from typing import Optional
 from repa_pipe.models.registry import CODEC_NAMES, ENCODERS
 from repa_pipe.pipeline.config import check_at_least, check_choices, option
 from repa_pipe.pipeline.errors import ConfigError
+from repa_pipe.pipeline.precision import NAMES as PRECISION_NAMES
 
-PRECISION_NAMES = ("fp32", "bf16", "fp16")
 DEFAULT_RESOLUTION = 256
 DEFAULT_MAX_MEGAPIXELS = 64.0  # ImageNet's largest images are under 20 Mpx
 

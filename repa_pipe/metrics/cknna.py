@@ -30,7 +30,9 @@ def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     # sum_ij K_ij L_ji: L is transposed, which matters because the masked kernels are not symmetric.
     term1 = (kt * lt.T).sum()
     term2 = kt.sum() * lt.sum() / ((m - 1) * (m - 2))
-    term3 = 2 * (kt @ lt).sum() / (m - 2)
+    # sum_ij (K L)_ij = (column sums of K) . (row sums of L): O(n^2) instead of the n x n product's O(n^3)
+    # (at the paper's n = 10,000 that product is 2e12 FLOPs per HSIC; three per CKNNA, per block and t).
+    term3 = 2 * (kt.sum(0) @ lt.sum(1)) / (m - 2)
     return (term1 + term2 - term3) / (m * (m - 3))
 
 

@@ -156,7 +156,8 @@ def _import_xformers():
     try:
         import xformers.ops as xops  # noqa: PLC0415 (optional dependency, imported only when asked for)
     except ImportError as e:
-        raise ConfigError("attn_backend='xformers' needs the xformers package; install it or use 'sdpa'") from e
+        raise ConfigError("--attn-backend xformers needs the xformers package: pip install xformers, or use "
+                          "--attn-backend sdpa") from e
     return xops
 
 

@@ -1,16 +1,29 @@
-"""Compute precisions: the names the options take and the autocast context each one means."""
+"""Compute precisions: the names the options take and the autocast context each one means.
+
+Torch is imported only when a context is made: the config dataclasses (and so the CLI's --help) read `NAMES`.
+"""
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NAMES = tuple(DTYPES)
+NAMES = ("fp32", "bf16", "fp16")
+NAMES_NO_FP16 = ("fp32", "bf16")  # sampling and analysis: fp16 without a loss scale is not offered there
 
 
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+def dtype(precision: str) -> "torch.dtype":
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(precision: str, device: "torch.device | str") -> contextlib.AbstractContextManager:
     """Autocast to `precision` on `device`'s type; fp32 is no context at all (exact)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=dtype(precision))

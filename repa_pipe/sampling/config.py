@@ -8,6 +8,7 @@ from typing import Optional
 from repa_pipe.models.registry import CODEC_NAMES, SIT_PRESETS
 from repa_pipe.pipeline.config import check_at_least, check_choices, option
 from repa_pipe.pipeline.errors import ConfigError, MissingWeightsError
+from repa_pipe.pipeline.precision import NAMES_NO_FP16 as PRECISION_NAMES
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -47,7 +48,7 @@ class SampleEvalConfig:
     shard_size: int = option(1000, "Samples per shard file (the resume unit).", metavar="N")
     labels: str = option("random", "Class labels: random (uniform, as the reference) or balanced "
                                    "(i mod num_classes).", metavar="KIND", choices=("random", "balanced"))
-    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=("fp32", "bf16"))
+    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=PRECISION_NAMES)
     vae: Optional[str] = option(None, "Decoder. Default: sd-vae-ft-ema for SD-VAE latents (the reference's "
                                       "pairing: train on ft-mse latents, decode with ft-ema), else the run's "
                                       "codec.", metavar="NAME", choices=CODEC_NAMES)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,18 +28,48 @@ class ReferenceSource:
         self.stats_dir, self.images_root, self.resolution = Path(stats_dir), images_root, resolution
 
 
-def reference_stats(cfg: SampleEvalConfig, inception, ref: Optional[ReferenceSource],
-                    dinov2: Optional[Callable] = None) -> ReferenceStats:
-    """--ref-stats file, else statistics of the cache's source images (computed once, stored in CACHE/stats).
+@dataclass
+class Evaluator:
+    """What the metrics need, loaded and checked before any sample is drawn (see `prepare_eval`)."""
 
-    `dinov2` (a DINOv2-L CLS forward) adds the FD_DINOv2 reference statistics to those computed here."""
+    inception: Any
+    dinov2: Optional[Callable]
+    ref: Optional[ReferenceSource]
+
+
+def prepare_eval(cfg: SampleEvalConfig, ref: Optional[ReferenceSource]) -> Optional[Evaluator]:
+    """Load Inception (and DINOv2-L for FD_DINOv2) and check that reference statistics can be had, so that a
+    missing file fails in seconds, before sampling, not after hours of it. None without --inception-weights."""
+    if not cfg.inception_weights:
+        return None
+    device = dist.device()
+    inception = load_inception(cfg.inception_weights, device)
+    dinov2 = _dinov2_forward(cfg, device) if cfg.fd_dinov2 else None
     if cfg.ref_stats:
-        return ReferenceStats.load(cfg.ref_stats, inception, cfg.eval_batch_size)
-    if ref is None:
+        if not Path(cfg.ref_stats).is_file():
+            raise ConfigError(f"--ref-stats {cfg.ref_stats}: no such file")
+    elif ref is None:
         raise ConfigError("no reference statistics: pass --ref-stats (an ADM reference npz such as "
                           "VIRTUAL_imagenet256_labeled.npz), or evaluate a run whose cache can be found (--cache)")
+    elif not _stored_stats(cfg, inception, ref, dinov2).is_file() and not Path(ref.images_root).exists():
+        raise ConfigError(f"no reference statistics: the cache's source images {ref.images_root} are gone and none "
+                          f"are stored in {ref.stats_dir}; pass --ref-stats FILE")
+    return Evaluator(inception, dinov2, ref)
+
+
+def _stored_stats(cfg: SampleEvalConfig, inception, ref: ReferenceSource, dinov2: Optional[Callable]) -> Path:
     tag = f"inception-ref-{inception.weights_sha256[:8]}-{cfg.ref_images}" + ("-dinov2" if dinov2 else "")
-    path = ref.stats_dir / f"{tag}.npz"
+    return ref.stats_dir / f"{tag}.npz"
+
+
+def reference_stats(cfg: SampleEvalConfig, ev: Evaluator) -> ReferenceStats:
+    """--ref-stats file, else statistics of the cache's source images (computed once, stored in CACHE/stats).
+
+    `ev.dinov2` (a DINOv2-L CLS forward) adds the FD_DINOv2 reference statistics to those computed here."""
+    inception, ref, dinov2 = ev.inception, ev.ref, ev.dinov2
+    if cfg.ref_stats:
+        return ReferenceStats.load(cfg.ref_stats, inception, cfg.eval_batch_size)
+    path = _stored_stats(cfg, inception, ref, dinov2)
     if path.is_file():
         return ReferenceStats.load(path, inception, cfg.eval_batch_size)
     source = open_source(ref.images_root)
@@ -78,19 +109,17 @@ def _arr0_dtype(npz: Path) -> Optional[np.dtype]:
         return np.dtype(read(f)[2])
 
 
-def run_eval(cfg: SampleEvalConfig, npz: Path, ref: Optional[ReferenceSource]) -> Optional[dict[str, Any]]:
+def run_eval(cfg: SampleEvalConfig, npz: Path, ev: Optional[Evaluator]) -> Optional[dict[str, Any]]:
     """Metrics of an ADM-format npz; None (and one line saying why) without Inception weights."""
-    if not cfg.inception_weights:
+    if ev is None:
         log("metrics skipped: pass --inception-weights FILE (torch-fidelity's "
             "weights-inception-2015-12-05-6726825d.pth) to compute FID, sFID, IS, precision and recall")
         return None
     n = check_sample_npz(npz)
-    device = dist.device()
-    inception = load_inception(cfg.inception_weights, device)
     log(f"evaluating {n} samples from {npz}")
-    fd = _dinov2_forward(cfg, device) if cfg.fd_dinov2 else None
-    stats = reference_stats(cfg, inception, ref, fd)
-    metrics = evaluate(iter_npz_images(npz, cfg.eval_batch_size), stats, inception, cfg.eval_batch_size, fd)
+    stats = reference_stats(cfg, ev)
+    metrics = evaluate(iter_npz_images(npz, cfg.eval_batch_size), stats, ev.inception, cfg.eval_batch_size,
+                       ev.dinov2)
     log("  ".join(f"{k} {metrics[k]:.4f}" for k in ("fid", "sfid", "inception_score", "precision", "recall",
                                                       "fd_dinov2") if k in metrics))
     for note in metrics.get("notes", []):

@@ -78,7 +78,8 @@ def check_resume(out: Path, key: dict[str, Any]) -> None:
                           f"use another --out, or delete {out / 'shards'} to start over")
     dist.barrier()  # every rank has read the old key before rank 0 may write the new one
     if dist.is_main():
-        for tmp in (out / "shards").glob(".*.tmp"):  # left by a killed run; no rank writes yet
+        # Left by a killed run (a sample shard, or the final npz: 10 GB at 50k x 256 px); no rank writes yet.
+        for tmp in [*(out / "shards").glob(".*.tmp"), *out.glob(".*.tmp")]:
             tmp.unlink(missing_ok=True)
         if have != key:
             atomic_write_json(path, key)

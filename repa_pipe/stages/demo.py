@@ -16,6 +16,7 @@ projector; sampling with Heun's ODE, 25 steps, guidance 2.0 at every step. lr an
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def train_encoder(cfg: DemoConfig, images: np.ndarray, folder: Path) -> Path:
     """The demo's alignment target, trained once (a re-run with the same recipe reuses the file)."""
     path, meta_path = folder / f"tiny-simclr-grid{TOKENS_PER_SIDE}.safetensors", folder / "encoder.json"
     meta = {"method": "simclr", "steps": cfg.encoder_steps, "seed": cfg.seed, "grid": TOKENS_PER_SIDE,
-            "images": int(len(images)), "resolution": int(images.shape[1])}
+            "images": int(len(images)), "resolution": int(images.shape[1]),
+            "images_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()}
     if path.is_file() and meta_path.is_file() and read_json(meta_path) == meta:
         log(f"encoder: reusing {path}")
         return path
@@ -89,6 +91,9 @@ def judge_samples(judge: Judge, samples: Path) -> dict:
     score = judge.score(images, labels)
     atomic_write_json(samples / "judge.json", score)
     return score
+
+
+PHASES = ("data and judge", "encoder", "encodes", "training", "sampling and judging")  # in the order they run
 
 
 class Clock:

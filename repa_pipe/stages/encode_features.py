@@ -8,6 +8,7 @@ from repa_pipe.encoding import runner
 from repa_pipe.encoding.config import EncodeFeaturesConfig
 from repa_pipe.models.feature_encoders import load_encoder
 from repa_pipe.pipeline import dist
+from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.progress import log
 
 
@@ -22,6 +23,9 @@ def run(cfg: EncodeFeaturesConfig) -> None:
     dist.init()
     source = runner.open_checked_source(cfg)
     res = runner.resolve_resolution(Path(cfg.cache), cfg.resolution)
+    if res % 2 and runner.existing_manifest(Path(cfg.cache)) is None:
+        raise ConfigError(f"--resolution {res}: no latent codec encodes an odd image side (pixel needs a multiple "
+                          "of 2, tiny of 8, sd-vae-* of 16), so a cache made at it could never be trained on")
     grid = cfg.grid or default_grid(Path(cfg.cache), res)
     enc = load_encoder(cfg.encoder, cfg.encoder_weights, grid=grid, device=dist.device())
     if enc.is_random_init:

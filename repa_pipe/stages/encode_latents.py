@@ -12,12 +12,13 @@ from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.progress import log
 
 
-def check_resolution(resolution: int, downsample: int, vae: str) -> None:
-    """The latent side must be a whole number and even, so that patch-2 SiT models tile it."""
+def check_resolution(resolution: int, downsample: int, vae: str, given: bool = True) -> None:
+    """The latent side must be a whole number and even, so that patch-2 SiT models tile it. `given`: the user
+    typed --resolution (else it is the existing cache's)."""
     if resolution % (2 * downsample):
-        raise ConfigError(f"--resolution {resolution} must be a multiple of {2 * downsample} for --vae {vae} (its "
-                          f"latents are 1/{downsample} of the image side, and patch-2 SiT models need an even "
-                          "latent side)")
+        what = f"--resolution {resolution}" if given else f"the cache's resolution {resolution} (set when it was made)"
+        raise ConfigError(f"{what} must be a multiple of {2 * downsample} for --vae {vae} (its latents are "
+                          f"1/{downsample} of the image side, and patch-2 SiT models need an even latent side)")
 
 
 def run(cfg: EncodeLatentsConfig) -> None:
@@ -25,7 +26,7 @@ def run(cfg: EncodeLatentsConfig) -> None:
     source = runner.open_checked_source(cfg)
     res = runner.resolve_resolution(Path(cfg.cache), cfg.resolution)
     codec = load_codec(cfg.vae, cfg.vae_weights, device=dist.device())
-    check_resolution(res, codec.downsample, cfg.vae)
+    check_resolution(res, codec.downsample, cfg.vae, given=cfg.resolution is not None)
     if codec.is_random_init:
         log(f"[yellow]{cfg.vae}: random-init VAE (for tests), not a pretrained one[/]")
     spec = latents_spec(codec.describe(), len(source), res, cfg.dtype, cfg.precision)

@@ -24,7 +24,7 @@ from repa_pipe.pipeline.progress import log
 from repa_pipe.sampling import shards
 from repa_pipe.sampling.config import SampleEvalConfig
 from repa_pipe.sampling.decode import choose_decoder, make_decoder
-from repa_pipe.sampling.evaluation import ReferenceSource, check_sample_npz, run_eval
+from repa_pipe.sampling.evaluation import ReferenceSource, check_sample_npz, prepare_eval, run_eval
 from repa_pipe.sampling.sampler import Sampler, run_sampling, sampling_key
 from repa_pipe.sampling.weights import LoadedModel, load_for_sampling
 
@@ -69,7 +69,7 @@ def eval_only(cfg: SampleEvalConfig) -> None:
     if not cfg.inception_weights:  # nothing else to do: exit 1 rather than a silent no-op
         raise MissingWeightsError("--eval-only computes metrics: pass --inception-weights FILE "
                                   "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
-    metrics = run_eval(cfg, Path(cfg.eval_only), reference_source(cfg, None))
+    metrics = run_eval(cfg, Path(cfg.eval_only), prepare_eval(cfg, reference_source(cfg, None)))
     if metrics is not None:
         atomic_write_json(Path(cfg.out) / "metrics.json", metrics)
 
@@ -83,7 +83,11 @@ def run(cfg: SampleEvalConfig) -> None:
     out = Path(cfg.out)
     device = dist.device()
     s, loaded = make_sampler(cfg, device)
-    ref = reference_source(cfg, loaded)  # a moved cache is an error now, not after sampling
+    # Metrics' inputs (weights, reference statistics, a moved cache) fail now, not after sampling; on every rank,
+    # so that all stop together (only rank 0 keeps the models).
+    ev = prepare_eval(cfg, reference_source(cfg, loaded))
+    if not dist.is_main():
+        ev = None
     log(f"sample-eval: {loaded.kind} {loaded.source} (step {loaded.step}), {cfg.num_samples} samples, "
         f"{cfg.mode} {cfg.num_steps} steps, cfg {cfg.cfg_scale} on t in [{cfg.guidance_interval}], "
         f"decoder {s.decoder_id[0]}")
@@ -95,7 +99,7 @@ def run(cfg: SampleEvalConfig) -> None:
     npz = out / "samples.npz"
     shards.assemble_npz(out, npz, n_shards, cfg.num_samples, (h, w))
     images.save_grid(shards.first_images(out, n_shards, GRID_N), out / "grid.png")
-    metrics = run_eval(cfg, npz, ref)
+    metrics = run_eval(cfg, npz, ev)
     if metrics is not None:
         atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "manifest.json", {

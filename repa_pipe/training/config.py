@@ -8,8 +8,8 @@ from typing import Any, Optional
 from repa_pipe.models.registry import ALIGN_LOSSES, ATTN_BACKENDS, ENCODERS, PATHS, SIT_PRESETS, TIME_SAMPLERS
 from repa_pipe.pipeline.config import check_at_least, check_choices, check_fraction, flag, option
 from repa_pipe.pipeline.errors import ConfigError
+from repa_pipe.pipeline.precision import NAMES as PRECISION_NAMES
 
-PRECISION_NAMES = ("bf16", "fp16", "fp32")
 # What a resumed run may not change: the model, its inputs and the stream of batches and draws it trains on.
 RESUME_FIXED = ("model", "encoder", "latents", "encoder_depth", "projector_dim", "global_batch_size", "seed",
                 "path", "weighting", "align_loss", "label_dropout")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from repa_pipe.cache.manifest import TrainingView
+from repa_pipe.models.registry import SIT_PRESETS
 from repa_pipe.models.sit import SiT, build_sit
 from repa_pipe.pipeline import checkpoint
 from repa_pipe.pipeline.config import to_dict
@@ -49,6 +50,11 @@ def rng_state() -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig, view: TrainingView) -> SiT:
     """The SiT of `cfg.model` on the cache's latents, with one projector per aligned encoder."""
+    patch = SIT_PRESETS[cfg.model].patch_size
+    if view.latent_size % patch:
+        raise ConfigError(f"--model {cfg.model} (patch {patch}) cannot tile the cache's latents ({view.latents}, "
+                          f"{view.latent_size}x{view.latent_size}): pick another patch size, or a cache made at "
+                          "another --resolution")
     model = build_sit(cfg.model, input_size=view.latent_size, in_channels=view.latent_channels,
                       num_classes=view.num_classes, encoder_depth=cfg.align_depth, z_dims=view.feature_dims,
                       projector_dim=cfg.projector_dim, attn_backend=cfg.attn_backend)
