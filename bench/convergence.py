@@ -1,18 +1,19 @@
 """REPA's effect measured: REPA versus the SiT baseline on the demo's data and recipe, at equal steps, across seeds.
 
-    python bench/convergence.py            # 3 seeds x 3 variants x 1,000 steps (~45 min on 2 CPU cores)
+    python bench/convergence.py            # 3 seeds x 5 variants x 1,000 steps (~55 min on 2 CPU cores)
     python bench/convergence.py --quick    # 1 seed, 200 steps, prints only
 
 Variants (the demo's recipe otherwise: SiT-T/1 on the 8x8 digits, batch 64, lr 4e-3, EMA 0.99, bf16):
 - `repa-ssl`: REPA aligned after block 2 to the demo's self-supervised `tiny` encoder (SimCLR, trained with the
   run's seed);
 - `vanilla`: the same SiT without alignment (`--encoder none`);
-- `repa-random`: REPA aligned to the random-init `tiny` encoder: the paper's "encoder quality" axis.
+- `repa-random`: REPA aligned to the random-init `tiny` encoder: the paper's "encoder quality" axis;
+- `repa-ssl-block1`, `repa-ssl-block3`: `repa-ssl` aligned after block 1 or 3 of 4: the paper's depth axis.
 
 Every K steps, on the EMA model: the demo judge's conditional accuracy on 200 class-balanced samples, with the
 demo's sampler (Heun ODE 25 steps, guidance 2.0) and without guidance; the Frechet distance in the judge's hidden
-layer (guided samples); and `repa-pipe analyze`'s CKNNA and linear probe at the aligned block (t = 0.5, 1,000
-cache rows) against the SSL encoder's features of the run's seed, for every variant alike. Then the steps each run
+layer (guided samples); and `repa-pipe analyze`'s CKNNA and linear probe at block 2, the demo's aligned block
+(t = 0.5, 1,000 cache rows), against the SSL encoder's features of the run's seed, for every variant alike. Then the steps each run
 needs to reach fixed judge scores. Everything runs through the pipeline's own stages (encode, train, sample-eval,
 analyze). Writes docs/convergence.md and docs/convergence.png.
 """
@@ -42,7 +43,9 @@ from repa_pipe.sampling.config import SampleEvalConfig  # noqa: E402
 from repa_pipe.stages import analyze, demo, encode_features, encode_latents, sample_eval, train  # noqa: E402
 from repa_pipe.training.config import TrainConfig  # noqa: E402
 
-VARIANTS = ("repa-ssl", "vanilla", "repa-random")
+# variant: (alignment target: the SSL encoder, the random-init one, or none; aligned block of 4)
+VARIANTS = {"repa-ssl": ("ssl", 2), "vanilla": (None, 2), "repa-random": ("random", 2),
+            "repa-ssl-block1": ("ssl", 1), "repa-ssl-block3": ("ssl", 3)}
 THRESHOLDS = (("guided", 0.95), ("unguided", 0.85))
 DOC = C.REPO / "docs" / "convergence.md"
 PLOT = C.REPO / "docs" / "convergence.png"
@@ -58,9 +61,10 @@ def make_cache(root: Path, images: Path, weights: Path | None) -> Path:
 
 
 def train_run(run: Path, cache: Path, variant: str, seed: int, steps: int, every: int) -> float:
-    cfg = TrainConfig(cache=cache, run_dir=run, model="SiT-T/1", encoder=() if variant == "vanilla" else ("tiny",),
+    target, block = VARIANTS[variant]
+    cfg = TrainConfig(cache=cache, run_dir=run, model="SiT-T/1", encoder=() if target is None else ("tiny",),
                       steps=steps, global_batch_size=demo.BATCH, lr=demo.LR, ema_decay=demo.EMA,
-                      encoder_depth=demo.ALIGN_DEPTH, projector_dim=demo.PROJECTOR, precision="bf16", seed=seed,
+                      encoder_depth=block, projector_dim=demo.PROJECTOR, precision="bf16", seed=seed,
                       ckpt_every=every, log_every=every, sample_every=0, loader_threads=2)
     t0 = time.perf_counter()
     train.run(cfg)
@@ -156,7 +160,7 @@ def encoder_probe(cache: Path, seed: int) -> float:
 
 
 def report(results: dict, info: dict, args, seeds: list[int], encoder_probes: dict, span: str) -> str:
-    steps = [r["step"] for r in results[VARIANTS[0]][seeds[0]]["curve"]]
+    steps = [r["step"] for r in results[next(iter(VARIANTS))][seeds[0]]["curve"]]
     rows = []
     for key, name in (("acc_guided", "judge acc., guided"), ("acc_unguided", "judge acc., unguided"),
                       ("fd", "judge FD"), ("cknna", "CKNNA, block 2"), ("probe", "probe acc., block 2")):
@@ -193,8 +197,8 @@ seed trained through `repa-pipe train` on its cache. Every {args.every} steps, o
 (an MLP trained on real digits, never used in training) scores {args.samples} class-balanced samples drawn with
 the demo's sampler (Heun ODE, 25 steps, guidance 2.0 at every step) and without guidance; FD is the Frechet
 distance between the guided samples and the real digits in the judge's hidden layer; CKNNA (k = 10) and the
-linear-probe accuracy are `repa-pipe analyze`'s, at the aligned block 2 and t = 0.5, against the SSL encoder's
-features of the same seed, for every variant alike. Cells are mean ± standard deviation over the seeds; the
+linear-probe accuracy are `repa-pipe analyze`'s, at block 2 (the demo's aligned block) and t = 0.5, against
+the SSL encoder's features of the same seed, for every variant alike. Cells are mean ± standard deviation over the seeds; the
 plot's bands span min to max.
 
 - `repa-ssl`: REPA (lambda 0.5, block 2 of 4, projector 128) aligned to the demo's `tiny` ViT trained
@@ -203,6 +207,8 @@ plot's bands span min to max.
   {encoder_probes.get('pixels', float('nan')):.3f}.
 - `vanilla`: no alignment.
 - `repa-random`: REPA aligned to the random-init `tiny` encoder (the paper's encoder-quality axis).
+- `repa-ssl-block1`, `repa-ssl-block3`: as `repa-ssl`, aligned after block 1 or 3 (the paper's depth axis);
+  their CKNNA and probe are still read at block 2, like every variant's.
 
 ![convergence](convergence.png)
 
@@ -255,7 +261,7 @@ def main() -> None:
             if done.is_file():  # a resumed study keeps finished runs
                 results[variant][s] = json.loads(done.read_text())
                 continue
-            cache = caches["random"] if variant == "repa-random" else caches[s]
+            cache = caches["random"] if VARIANTS[variant][0] == "random" else caches[s]
             train_s = train_run(run, cache, variant, s, args.steps, args.every)
             curve = [evaluate(judge, run, caches[s], k, args.samples, s, args.quick)
                      for k in range(args.every, args.steps + 1, args.every)]

@@ -77,7 +77,7 @@ class OrderedGroup(TyperGroup):
             err_console.print(e.format_message(), markup=False, highlight=False)
             code = 0
         except UsageError as e:
-            where = e.ctx.command_path if e.ctx else "repa-pipe"
+            where = e.ctx.command_path if e.ctx else _command_path(self, args, prog_name or "repa-pipe")
             err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)", markup=True,
                               highlight=False, soft_wrap=True)
             code = 1
@@ -87,6 +87,17 @@ class OrderedGroup(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _command_path(group: Any, args: Any, prog: str) -> str:
+    """'repa-pipe train' for `repa-pipe train --cache` (click gives a missing option value no context)."""
+    path = [prog]
+    for word in list(args if args is not None else sys.argv[1:]):
+        cmd = getattr(group, "commands", {}).get(word)
+        if cmd is not None:
+            path.append(word)
+            group = cmd
+    return " ".join(path)
 
 
 app = typer.Typer(cls=OrderedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -172,8 +183,14 @@ def command(group: typer.Typer, name: str, cfg_cls: type, stage: str, help: str,
     ("module:function", imported only when the command runs, so --help stays instant)."""
     hints = typing.get_type_hints(cfg_cls)
     params = [_parameter(f, hints[f.name]) for f in dataclasses.fields(cfg_cls)]
+    # --debug after the command too (`repa-pipe train ... --debug`), as users type it
+    params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--debug", help="Show the full traceback of an error instead of one line.", metavar="")))
 
     def run(**kwargs: Any) -> None:
+        if kwargs.pop("debug"):
+            _state["debug"] = True
+
         def go() -> None:
             values = prepare(kwargs) if prepare else kwargs
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}

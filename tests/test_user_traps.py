@@ -350,11 +350,13 @@ def test_5_deleted_shard_is_one_line_and_debug_shows_the_traceback(cache, tmp_pa
     assert f"latents/pixel: shard 0 is marked done but its file is missing ({shard})" in line
     assert line.endswith(f"run `repa-pipe cache verify {damaged}`")
     assert not (tmp_path / "run").exists()
-    p = subprocess.run([str(VENV_BIN / "repa-pipe"), "--debug", *map(str, train_args(damaged, tmp_path / "run", 1))],
-                       env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and "Traceback (most recent call last)" in p.stderr, p.stderr[-3000:]
-    assert lines_of(p.stderr)[-1].startswith("repa_pipe.pipeline.errors.CorruptDataError: ")
-    assert "error:" not in p.stderr
+    args = list(map(str, train_args(damaged, tmp_path / "run", 1)))
+    for argv in (["--debug", *args], [*args, "--debug"]):  # before or after the command, as users type it
+        p = subprocess.run([str(VENV_BIN / "repa-pipe"), *argv], env=subprocess_env(tmp_path), capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 1 and "Traceback (most recent call last)" in p.stderr, p.stderr[-3000:]
+        assert lines_of(p.stderr)[-1].startswith("repa_pipe.pipeline.errors.CorruptDataError: ")
+        assert "error:" not in p.stderr
 
 
 def test_5_no_space_for_a_checkpoint_is_one_line(cache, tmp_path, monkeypatch):
@@ -425,11 +427,15 @@ def test_5_a_bad_image_with_loader_workers_is_one_line_and_the_process_exits(tmp
     (["sample-eval", "--run-dir", "r"], "Missing option '--out'"),
     (["train", "--cache", "c", "--run-dir", "r", "--steps", "many"], "Invalid value for '--steps'"),
     (["trian"], "No such command 'trian'"),
-], ids=["unknown-option", "missing-cache", "missing-out", "bad-int", "unknown-command"])
+    (["cache", "verify", "--bogus"], "No such option: --bogus"),
+    (["train", "--cache"], "Option '--cache' requires an argument"),
+], ids=["unknown-option", "missing-cache", "missing-out", "bad-int", "unknown-command", "subgroup",
+        "missing-value"])
 def test_5_usage_errors_are_one_line(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
     line = error_line(invoke(args))
-    assert words in line and "--help" in line
+    commands = [a for a in args if not a.startswith("-") and a in ("train", "sample-eval", "cache", "verify")]
+    assert words in line and line.endswith(f"{''.join(' ' + c for c in commands)} --help`)"), line  # the command's
     assert list(tmp_path.iterdir()) == []
 
 
