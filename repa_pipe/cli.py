@@ -197,12 +197,23 @@ def command(group: typer.Typer, name: str, cfg_cls: type, stage: str, help: str,
             cfg = cfg_cls(**values)
             module, fn = stage.split(":")
             getattr(importlib.import_module(module), fn)(cfg)
+            _leave_process_group()
         _call(go)
 
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run.__annotations__ = {p.name: p.annotation for p in params}
     run.__doc__ = help
     group.command(name, help=help, cls=Command)(run)
+
+
+def _leave_process_group() -> None:
+    """After a clean finish under torchrun, leave the process group before the interpreter exits: a gloo rank
+    that exits holding it can abort in teardown ("terminate called without an active exception") while another
+    rank is still writing files. Not after an error: another rank may still be inside a collective."""
+    if "torch.distributed" in sys.modules:
+        from repa_pipe.pipeline import dist
+
+        dist.shutdown()
 
 
 def _encoders(kwargs: dict[str, Any]) -> dict[str, Any]:
