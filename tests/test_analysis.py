@@ -71,11 +71,11 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analyze")
     cache = make_cache(root / "cache", CacheOpts(n=48, num_classes=4, shard_size=16,
                                                  features=(Features("dinov2-b"), Features("clip-l", 4, 24))))
-    run = root / "run"
+    run = root / "run"  # --encoder-depth left to the preset's default (2 for SiT-T): analyze must still know it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train.run(TrainConfig(cache=cache, run_dir=run, model="SiT-T/2", encoder=("dinov2-b",), encoder_depth=2,
+        train.run(TrainConfig(cache=cache, run_dir=run, model="SiT-T/2", encoder=("dinov2-b",),
                               projector_dim=32, global_batch_size=8, steps=6, lr=1e-3, log_every=3, ckpt_every=3,
                               sample_every=0, precision="fp32", loader_threads=1))
     finally:

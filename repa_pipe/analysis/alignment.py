@@ -51,11 +51,6 @@ class Analysis:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def at(self, t: float, block: int) -> tuple[float, float]:
-        """(CKNNA, probe accuracy) at noise level t and block."""
-        i, j = self.times.index(t), self.blocks.index(block)
-        return self.cknna[i][j], self.probe[i][j]
-
 
 def pooled_hidden_states(model: SiT, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(L, B, D) float32: every block's output averaged over the tokens, for one forward of `model`."""
@@ -93,13 +88,14 @@ def analyze_model(model: SiT, reader: CacheReader, latents: str, features: str, 
     model.eval()
     c = model.in_channels
     labels = reader.labels[rows]
-    enc = np.concatenate([reader.gather(rows[i:i + batch_size])[features].astype(np.float32).mean(axis=1)
-                          for i in range(0, len(rows), batch_size)])  # (n, D_enc)
+    enc = np.zeros((len(rows), reader.arrays[features].shape[-1]), dtype=np.float32)  # (n, D_enc)
     hidden = np.zeros((len(times), model.depth, len(rows), model.hidden_size), dtype=np.float32)
     with Tracker("analyze", len(times) * len(rows), unit="row", every_s=10.0) as bar:
         for i in range(0, len(rows), batch_size):
             part = rows[i:i + batch_size]
-            moments = torch.from_numpy(reader.gather(part)[latents].astype(np.float32)).to(device)
+            got = reader.gather(part)  # latents and features of these rows, one read
+            enc[i:i + len(part)] = got[features].astype(np.float32).mean(axis=1)
+            moments = torch.from_numpy(got[latents].astype(np.float32)).to(device)
             x0 = moments[:, :c] * scaling_factor  # posterior mean, model space
             noise = PerSampleRandn([derive_seed(seed, int(r)) for r in part], device)(tuple(x0.shape[1:]))
             y = torch.full((len(part),), model.null_class, device=device)

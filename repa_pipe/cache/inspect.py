@@ -139,8 +139,7 @@ def _check_shard(reader: ArrayReader, name: str, k: int, rows: np.ndarray, repor
             try:
                 reader.check_shard(k)
             except CorruptDataError as whole:  # the file or its index, not single rows
-                reason = str(whole).split("; run `repa-pipe cache verify")[0]  # this is verify
-                report.shard_problem(name, k, f"{name}: shard {k}: {reason}")
+                report.shard_problem(name, k, f"{name}: shard {k}: {whole.detail}")
                 return
             bad = _bad_rows(reader, rows[lo:])
             if not bad:

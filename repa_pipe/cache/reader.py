@@ -58,8 +58,7 @@ class ArrayReader:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as e:
-                raise CorruptDataError(f"{self.root}: shard {k} of {self.name} cannot be opened ({path}: "
-                                       f"{e.strerror}); run `repa-pipe cache verify {self.root}`") from None
+                raise self._shard_damage(k, f"cannot be opened ({path}: {e.strerror})") from None
             index = self._read_index(fd, k, path)
             self._fds[k], self._offsets[k] = fd, index[:, 0].copy()
             return fd, self._offsets[k]
@@ -75,15 +74,19 @@ class ArrayReader:
         raw = os.pread(fd, idx_bytes + _CRC, max(0, size - idx_bytes - _CRC))
         if len(raw) != idx_bytes + _CRC or crc32c.crc32c(raw[:idx_bytes]) != int.from_bytes(raw[idx_bytes:], "little"):
             os.close(fd)
-            raise CorruptDataError(f"{self.root}: shard {k} of {self.name}: index checksum mismatch ({path}); "
-                                   f"run `repa-pipe cache verify {self.root}`")
+            raise self._shard_damage(k, f"index checksum mismatch ({path})")
         index = np.frombuffer(raw[:idx_bytes], dtype="<u8").reshape(self.shard_size, 2)
         sizes = index[:, 1][index[:, 0] != _EMPTY]
         if (sizes != self.row_bytes + _CRC).any():
             os.close(fd)
-            raise CorruptDataError(f"{self.root}: shard {k} of {self.name} holds rows of {int(sizes.max())} bytes, "
-                                   f"the manifest says {self.row_bytes} + {_CRC} ({path})")
+            raise self._shard_damage(k, f"holds rows of {int(sizes.max())} bytes, the manifest says "
+                                        f"{self.row_bytes} + {_CRC} ({path})")
         return index
+
+    def _shard_damage(self, k: int, what: str) -> CorruptDataError:
+        """Damage to shard k as a whole (its file or index): one error for training, its `detail` for verify."""
+        return CorruptDataError(f"{self.root}: shard {k} of {self.name}: {what}; run `repa-pipe cache verify "
+                                f"{self.root}`", detail=what)
 
     def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
         """Read global rows `rows` (all in one shard) into out[pos], checking each row's crc32c."""

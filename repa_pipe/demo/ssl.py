@@ -89,8 +89,9 @@ def train_ssl_encoder(images: np.ndarray, grid: int, *, steps: int = 200, batch:
     g = torch.Generator().manual_seed(seed)
     warmup = max(1, steps // 20)
     for step in range(steps):
+        warm, cosine = min(1.0, (step + 1) / warmup), 1 + math.cos(math.pi * step / steps)
         for group in opt.param_groups:  # linear warmup, cosine decay
-            group["lr"] = group["scale"] * lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = group["scale"] * lr * warm * 0.5 * cosine
         idx = torch.randperm(len(data), generator=g)[:batch]
         v1, v2 = augment(data[idx], g), augment(data[idx], g)
         loss = nt_xent(head(_pooled_tokens(enc, v1)), head(_pooled_tokens(enc, v2)), tau)

@@ -30,7 +30,14 @@ class CacheBusyError(RepaError):
 
 
 class CorruptDataError(RepaError):
-    """Bytes on disk differ from what was written (a checksum mismatch) or a file of a done shard is missing."""
+    """Bytes on disk differ from what was written (a checksum mismatch) or a file of a done shard is missing.
+
+    `detail`: the damage alone, without the cache's path or the advice to run `cache verify` (which verify,
+    reporting it, does not need)."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class CheckpointError(RepaError):

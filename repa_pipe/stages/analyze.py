@@ -74,7 +74,7 @@ def run(cfg: AnalyzeConfig) -> None:
         a = analyze_model(loaded.model, reader, view.latents, features, rows, scaling_factor=view.scaling_factor,
                           path=tc.get("path", "linear"), times=times, topk=cfg.topk, holdout=cfg.probe_holdout,
                           batch_size=cfg.batch_size, precision=cfg.precision, seed=cfg.seed, device=device,
-                          aligned_block=tc.get("encoder_depth") if tc.get("encoder") else None)
+                          aligned_block=loaded.model.encoder_depth if loaded.model.z_dims else None)
     finally:
         reader.close()
     a.meta.update(step=loaded.step, checkpoint=loaded.source)

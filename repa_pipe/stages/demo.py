@@ -108,9 +108,12 @@ class Clock:
         self.phases[name] = round(now - self.last, 1)
         self.last = now
 
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.t0, 1)
+
     def summary(self) -> str:
         parts = ", ".join(f"{k} {human_duration(v)}" for k, v in self.phases.items())
-        return f"{human_duration(time.perf_counter() - self.t0)} ({parts})"
+        return f"{human_duration(self.elapsed())} ({parts})"
 
 
 def run(cfg: DemoConfig) -> None:
@@ -150,9 +153,8 @@ def run(cfg: DemoConfig) -> None:
     sample_eval.run(se)
     score = judge_samples(judge, samples)
     clock.lap("sampling and judging")
-    total = round(time.perf_counter() - clock.t0, 1)
-    atomic_write_json(out / "demo.json", {"seconds": clock.phases, "total_seconds": total, "judge": score,
-                                          "config": to_dict(cfg)})
+    atomic_write_json(out / "demo.json", {"seconds": clock.phases, "total_seconds": clock.elapsed(),
+                                          "judge": score, "config": to_dict(cfg)})
     log(f"[bold green]judge[/]: {score['accuracy']:.1%} of {cfg.num_samples} samples show the class they were drawn "
         f"for (chance {1 / source.num_classes:.0%}; the judge's own held-out accuracy on real images "
         f"{judge.heldout_accuracy:.1%}); its Frechet distance to the real images {score['fd']:.1f}")

@@ -83,11 +83,11 @@ def run(cfg: SampleEvalConfig) -> None:
     out = Path(cfg.out)
     device = dist.device()
     s, loaded = make_sampler(cfg, device)
-    # Metrics' inputs (weights, reference statistics, a moved cache) fail now, not after sampling; on every rank,
-    # so that all stop together (only rank 0 keeps the models).
-    ev = prepare_eval(cfg, reference_source(cfg, loaded))
-    if not dist.is_main():
-        ev = None
+    # Metrics' inputs (weights, reference statistics, a moved cache) fail now, not after sampling. Rank 0 loads
+    # the metric models and keeps them; its error, if any, stops every rank.
+    kept: list = []
+    dist.run_on_rank0(lambda: kept.append(prepare_eval(cfg, reference_source(cfg, loaded))))
+    ev = kept[0] if kept else None
     log(f"sample-eval: {loaded.kind} {loaded.source} (step {loaded.step}), {cfg.num_samples} samples, "
         f"{cfg.mode} {cfg.num_steps} steps, cfg {cfg.cfg_scale} on t in [{cfg.guidance_interval}], "
         f"decoder {s.decoder_id[0]}")
