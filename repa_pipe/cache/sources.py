@@ -1,8 +1,8 @@
-"""Image sources for the encoders: ImageFolder / WebDataset listing, decoding, the ADM center crop, a DataLoader
-dataset.
+"""Image sources for the encoders: ImageFolder / WebDataset / parquet listing, decoding, the ADM center crop, a
+DataLoader dataset.
 
-The pieces live in sources_base.py (ImageSource, decoding rules), sources_folder.py, sources_webdataset.py; import
-everything from here. This module never imports repa_pipe.models.
+The pieces live in sources_base.py (ImageSource, decoding rules, byte cap, names), sources_folder.py,
+sources_webdataset.py, sources_parquet.py; import everything from here. This module never imports repa_pipe.models.
 """
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from repa_pipe.cache.sources_base import IMAGE_EXTENSIONS, BadImageError, ImageSource, decode_image, to_rgb
+from repa_pipe.cache.sources_base import (IMAGE_EXTENSIONS, BadImageError, ImageSource, SourceOptions, decode_image,
+                                          is_pattern, to_rgb)
 from repa_pipe.cache.sources_folder import ImageFolderSource
+from repa_pipe.cache.sources_parquet import ParquetSource
 from repa_pipe.cache.sources_webdataset import WebDatasetSource
 from repa_pipe.pipeline.errors import BadInputError
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolderSource", "WebDatasetSource", "open_source", "decode_image",
+    "IMAGE_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolderSource", "WebDatasetSource", "ParquetSource",
+    "SourceOptions", "open_source", "decode_image",
     "to_rgb", "adm_center_crop", "load_preprocessed", "MAX_ASPECT_RATIO", "PreprocessedImages", "PreprocessedBatch",
     "collate_preprocessed",
 ]
@@ -30,33 +33,51 @@ __all__ = [
 MAX_ASPECT_RATIO = 200
 
 
-def open_source(spec: str | os.PathLike, num_classes: int | None = None) -> ImageSource:
+_SHARD_KINDS = {".tar": WebDatasetSource, ".parquet": ParquetSource}
+
+
+def open_source(spec: str | os.PathLike, num_classes: int | None = None,
+                opts: SourceOptions | None = None) -> ImageSource:
     """Open an image source from what the user typed.
 
-    - a brace pattern ("data/shard-{000000..000009}.tar"), a single .tar file, or a folder holding .tar files
-      -> WebDatasetSource
-    - a folder of class folders -> ImageFolderSource
-    A missing path, a file that is not a .tar, or a folder with both .tar files and class folders -> BadInputError.
+    - `pipe:CMD` (a brace pattern allowed in CMD) -> WebDatasetSource, each command's output spooled
+    - an existing path: a .tar or .parquet file, or a folder holding only .tar files, or .parquet files
+      -> WebDatasetSource / ParquetSource; any other folder -> ImageFolderSource (its class folders)
+    - no such path, but a pattern (braces, glob characters, or a '::' list) of .tar or of .parquet files
+      -> WebDatasetSource / ParquetSource. An existing path is never read as a pattern ('imgs{1}' is a folder).
+    A missing path, a file of another kind, shards mixed with class folders or with shards of the other kind
+    -> BadInputError.
     """
     spec = os.fspath(spec)
-    if "{" in spec:
-        return WebDatasetSource(spec, num_classes)
+    opts = opts or SourceOptions()
+    if spec.startswith("pipe:"):
+        return WebDatasetSource(spec, num_classes, opts)
     p = Path(spec).expanduser()
     if not p.exists():
-        raise BadInputError(f"{spec}: no such file or directory")
+        if not is_pattern(spec):
+            raise BadInputError(f"{spec}: no such file or directory")
+        from webdataset.shardlists import expand_urls  # webdataset's own pattern expansion, as in a pipeline
+
+        suffixes = {Path(u).suffix.lower() for u in expand_urls(spec)}
+        if len(suffixes) != 1 or next(iter(suffixes)) not in _SHARD_KINDS:
+            raise BadInputError(f"{spec}: a pattern must name only .tar files or only .parquet files")
+        return _SHARD_KINDS[suffixes.pop()](spec, num_classes, opts)
     if p.is_file():
-        if p.suffix.lower() != ".tar":
-            raise BadInputError(f"{spec}: not a folder or a .tar shard (expected an ImageFolder ROOT/<class>/<image>, "
-                                f"a folder of .tar shards, a .tar file or a brace pattern)")
-        return WebDatasetSource(spec, num_classes)
+        cls = _SHARD_KINDS.get(p.suffix.lower())
+        if cls is None:
+            raise BadInputError(f"{spec}: not a folder, a .tar or a .parquet file (expected an ImageFolder "
+                                "ROOT/<class>/<image>, a folder of .tar or .parquet shards, one shard, or a pattern)")
+        return cls(spec, num_classes, opts)
     entries = [e for e in p.iterdir() if not e.name.startswith(".")]
-    has_tars = any(e.suffix.lower() == ".tar" and e.is_file() for e in entries)
-    if has_tars:
+    kinds = {e.suffix.lower() for e in entries if e.suffix.lower() in _SHARD_KINDS and e.is_file()}
+    if len(kinds) > 1:
+        raise BadInputError(f"{spec}: holds both .tar and .parquet files; point at one kind (a pattern or a folder)")
+    if kinds:
         if any(e.is_dir() for e in entries):
-            raise BadInputError(f"{spec}: holds both .tar files and folders; point at the shards (a pattern or a "
-                                f"folder of only .tar files) or at an ImageFolder")
-        return WebDatasetSource(spec, num_classes)
-    return ImageFolderSource(spec, num_classes)
+            raise BadInputError(f"{spec}: holds both {next(iter(kinds))} files and folders; point at the shards (a "
+                                "pattern or a folder of only shards) or at an ImageFolder")
+        return _SHARD_KINDS[kinds.pop()](spec, num_classes, opts)
+    return ImageFolderSource(spec, num_classes, opts)
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:

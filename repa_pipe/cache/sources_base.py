@@ -8,6 +8,8 @@ Decoding outcomes (every failure is a BadImageError, a BadInputError whose messa
 - more pixels than PIL's bomb limit    -> "image too large (<PIL message>)"
 - a mode that cannot become RGB       -> "unsupported image mode <mode>"
 - unreadable file / cut-off tar shard  -> "cannot read file (...)" / "tar shard truncated (...)"
+- not a regular file (FIFO, device...) -> "not a regular file (<kind>)", found before the file is opened
+- more bytes than the per-image cap    -> "<n> bytes, over the per-image cap of <cap> bytes (--max-image-mb)"
 - (load_preprocessed) sides over 200:1 -> "extreme aspect ratio WxH (more than 200:1)"
 Not errors, converted to RGB with PIL's convert('RGB') exactly as the reference's `.convert('RGB')`: L, 1, LA, RGBA,
 P (with or without transparency), PA, CMYK. Alpha is dropped, not composited, for parity with the reference.
@@ -18,15 +20,22 @@ not apply it either), and the format comes from the file content, never its exte
 """
 from __future__ import annotations
 
+import glob
 import io
 import operator
+import os
+import re
+import stat
 import warnings
 from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from repa_pipe.cache.manifest import Dataset
+from repa_pipe.cache.source_options import SourceOptions
 from repa_pipe.pipeline.errors import BadInputError
 from repa_pipe.pipeline.hashing import hash_lines, sha256_int64
 
@@ -35,6 +44,127 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_SUFFIXES: frozenset[str] = frozenset(e[1:] for e in IMAGE_EXTENSIONS)
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+def over_cap(size: int, cap: int) -> str | None:
+    """The reason for an image of `size` bytes over the per-image cap, else None."""
+    return None if size <= cap else f"{size} bytes, over the per-image cap of {cap} bytes (--max-image-mb)"
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(mode: int) -> str | None:
+    """The reason a file of st_mode `mode` is refused as an image, None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"not a regular file ({kind})"
+
+
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` bytes, else BadImageError.
+
+    The type is checked before opening (opening a device can have effects) and again on the open descriptor (the
+    file may have been swapped); O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer."""
+    try:
+        why = not_regular(os.stat(path).st_mode)
+        if why:
+            raise BadImageError(path, why)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        why = not_regular(st.st_mode) or over_cap(st.st_size, max_bytes)
+        if why:
+            raise BadImageError(path, why)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)  # +1: a file that grew since fstat is still caught
+    except OSError as e:
+        raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise BadImageError(path, f"more than {max_bytes} bytes (it grew while read), over the per-image cap "
+                                  "(--max-image-mb)")
+    return data
+
+
+# Characters str.splitlines() breaks a line at: a key holding one would not round-trip through index/keys.txt.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_BAD_KEY_CHAR = re.compile(f"[{_LINE_BREAKS}\ud800-\udfff]")
+
+
+def check_names(names: Sequence[str], where: Callable[[int], str], what: str = "file or folder name") -> None:
+    """Refuse the source when a sample key (or class name) holds a line break or is not valid UTF-8.
+
+    Keys are stored one per line in index/keys.txt, so such a name would be split on reading; a name that is not
+    UTF-8 (os gives it back with surrogate escapes) cannot be written there at all. One pass over all names."""
+    joined = "\0".join(names)  # NUL cannot occur in a file name, so it marks the boundaries
+    m = _BAD_KEY_CHAR.search(joined)
+    if m is None:
+        return
+    i = joined.count("\0", 0, m.start())
+    if "\ud800" <= m.group() <= "\udfff":
+        why = "is not valid UTF-8"
+    else:
+        why = f"holds a line break ({m.group()!r})"
+    raise BadInputError(f"{shown(where(i))}: the {what} {why}; rename it (sample keys are stored one per line as "
+                        "UTF-8 in the cache's index/keys.txt)")
+
+
+def shown(path: str) -> str:
+    """A path for a one-line message: line breaks and undecodable bytes escaped, the rest as it is."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in path)
+
+
+def is_pattern(spec: str) -> bool:
+    """Whether --source is a shard pattern (braces, glob characters or a '::' list) rather than a path: only
+    when no file or folder of that name exists, so a folder named 'imgs{1}' stays a folder."""
+    return (any(c in spec for c in "{*?[") or "::" in spec) and not os.path.lexists(os.path.expanduser(spec))
+
+
+def sorted_unique(paths: list[Path], spec: str, noun: str) -> list[Path]:
+    """Shard paths sorted by file name; file names must be unique (they are the first part of every key)."""
+    paths = sorted(paths, key=lambda q: q.name)
+    names = [q.name for q in paths]
+    dup = next((a for a, b in zip(names, names[1:]) if a == b), None)  # sorted: duplicates are adjacent
+    if dup is not None:
+        raise BadInputError(f"{spec}: several {noun}s are named {dup}; file names must be unique")
+    return paths
+
+
+def expand_shards(spec: str, suffix: str) -> list[Path]:
+    """A folder of `suffix` files, one file, a brace pattern ('shard-{0000..0099}.tar', webdataset's expander),
+    a glob ('data/train-*.parquet') or a '::'-separated list of these -> the shard paths, each an existing
+    file. Order as given; callers sort."""
+    if is_pattern(spec):
+        from webdataset.shardlists import expand_urls  # the same expansion webdataset pipelines apply
+
+        paths: list[Path] = []
+        for u in expand_urls(spec):
+            if any(c in u for c in "*?[") and not os.path.lexists(os.path.expanduser(u)):
+                found = sorted(glob.glob(os.path.expanduser(u)))
+                if not found:
+                    raise BadInputError(f"{spec}: the pattern {u} matches no file")
+                paths += [Path(q) for q in found]
+            else:
+                paths.append(Path(u).expanduser())
+        missing = [str(q) for q in paths if not q.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise BadInputError(f"{spec}: shard {missing[0]} does not exist{more}")
+        return paths
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise BadInputError(f"{spec}: no such file or directory")
+    if p.is_dir():
+        paths = [q for q in p.iterdir() if q.suffix.lower() == suffix and q.is_file() and not q.name.startswith(".")]
+        if not paths:
+            raise BadInputError(f"{spec}: no {suffix} files in this folder")
+        return paths
+    return [p]
 
 
 class BadImageError(BadInputError):
@@ -120,6 +250,10 @@ class ImageSource(ABC):
     class_names: list[str] | None
     warnings: list[str]
     known_bad: dict[int, str]
+    opts: SourceOptions = SourceOptions()
+    # Shards that could not be read in full (path -> reason); the encode stages refuse them unless --skip-bad.
+    damaged: dict[str, str] = {}
+    shard_noun: str = "shard"
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -1,45 +1,84 @@
 """Image sources, part 3: WebDataset tar shards, indexed once at open for random access."""
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from repa_pipe.cache.manifest import MAX_CLASSES
-from repa_pipe.cache.sources_base import IMAGE_SUFFIXES, BadImageError, ImageSource
+from repa_pipe.cache.sources_base import (IMAGE_SUFFIXES, BadImageError, ImageSource, SourceOptions, check_names,
+                                          expand_shards, is_pattern, over_cap, shown, sorted_unique)
 from repa_pipe.pipeline.errors import BadInputError
 
 _BLOCK = tarfile.BLOCKSIZE  # 512: tar headers, padding and the end-of-archive marker come in these
 
 
 def expand_tar_spec(spec: str) -> list[Path]:
-    """A folder of .tar files, one .tar file, or a brace pattern ("shard-{000000..000009}.tar") -> tar paths.
+    """A folder of .tar files, one .tar file, or a pattern ("shard-{000000..000009}.tar", a glob, a '::' list)
+    -> tar paths (sources_base.expand_shards)."""
+    return expand_shards(spec, ".tar")
 
-    Brace patterns are expanded with webdataset's own expander, so the same string means the same shards here and in
-    a webdataset pipeline. Every named tar must exist.
-    """
-    if "{" in spec:
-        from webdataset.shardlists import expand_urls  # imported here: it is only needed for patterns
 
-        paths = [Path(u).expanduser() for u in expand_urls(spec)]
-        missing = [str(q) for q in paths if not q.is_file()]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise BadInputError(f"{spec}: shard {missing[0]} does not exist{more}")
-        return paths
-    p = Path(spec).expanduser()
-    if not p.exists():
-        raise BadInputError(f"{spec}: no such file or directory")
-    if p.is_dir():
-        paths = [q for q in p.iterdir() if q.suffix.lower() == ".tar" and q.is_file() and not q.name.startswith(".")]
-        if not paths:
-            raise BadInputError(f"{spec}: no .tar files in this folder")
-        return paths
-    return [p]
+def _pipe_name(url: str, n: int) -> str:
+    """The tar name of one expanded `pipe:` command: its last word ending in .tar, else pipe-<n>.tar."""
+    words = [w for w in url[len("pipe:"):].split() if w.lower().endswith(".tar")]
+    return os.path.basename(words[-1]) if words else f"pipe-{n:06d}.tar"
+
+
+def _temp_spool() -> str:
+    d = tempfile.mkdtemp(prefix="repa-pipe-spool-")
+    pid = os.getpid()
+    # Only the process that made it removes it (forked loader workers inherit atexit handlers).
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(d, ignore_errors=True))
+    return d
+
+
+def spool_pipe_shards(spec: str, spool: str | None) -> list[Path]:
+    """Run each expanded `pipe:` command of `spec` once, its standard output copied into a tar in `spool`.
+
+    A tar already in the spool is reused (a resumed run, the second encode stage): it was moved there only after
+    its command succeeded. A failing command is a BadInputError naming it, its exit status and its last error
+    line."""
+    from webdataset.shardlists import expand_urls
+
+    urls = expand_urls(spec)
+    names = [_pipe_name(u, n) for n, u in enumerate(urls)]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"{spec}: several commands give the tar name {next(x for x in names if names.count(x) > 1)}"
+                            "; tar names must be unique")
+    folder = Path(spool).expanduser() if spool else Path(_temp_spool())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"{folder}: cannot create the spool folder ({e.strerror or e}) (--spool)") from None
+    out = []
+    for url, name in zip(urls, names):
+        dest = folder / name
+        if not dest.is_file():
+            part = folder / f".{name}.{os.getpid()}.part"
+            try:
+                with open(part, "wb") as f:
+                    p = subprocess.run(url[len("pipe:"):], shell=True, stdout=f, stderr=subprocess.PIPE,
+                                       stdin=subprocess.DEVNULL)
+                if p.returncode != 0:
+                    err = p.stderr.decode("utf-8", "replace").strip().splitlines()
+                    raise BadInputError(f"{shown(url)}: the command exited with status {p.returncode}"
+                                        + (f" ({shown(err[-1])})" if err else ""))
+                os.replace(part, dest)
+            except OSError as e:
+                raise BadInputError(f"{dest}: cannot write the spooled tar ({e.strerror or e}) (--spool)") from None
+            finally:
+                part.unlink(missing_ok=True)
+        out.append(dest)
+    return out
 
 
 @dataclass
@@ -73,7 +112,8 @@ def _scan_tar(path: str) -> _TarScan:
             if m.isreg():
                 scan.members.append(m)
         end = tf.offset  # where the next header would start: the marker, the damage, or past a cut-off member
-    cut = next((m for m in scan.members if m.offset_data + m.size > scan.size), None)
+    # A sparse member stores fewer bytes than its size (read() refuses it): only a plain member can be cut off.
+    cut = next((m for m in scan.members if not m.issparse() and m.offset_data + m.size > scan.size), None)
     if cut is not None:
         scan.damage = f"truncated: the file ends at byte {scan.size}, inside member {cut.name}"
     elif end > scan.size:  # tarfile's "unexpected end of data": the last member's padding is cut off
@@ -109,19 +149,29 @@ class WebDatasetSource(ImageSource):
       A tar that cannot be opened at all contributes no samples. Each damaged tar is in `damaged` (path -> reason),
       in `warnings` and in `notes()`; the encode stages refuse a damaged source unless --skip-bad.
     - Only uncompressed tars (random access by byte offset). Image bytes are read by (offset, size) at read time.
+      An image member over the byte cap (SourceOptions.max_bytes), or stored sparse (tar --sparse), is a known-bad
+      sample found from its header: its bytes are never read.
+    - opts.unlabeled (--unlabeled): .cls members are ignored and every sample gets label 0 (one class).
+    - `pipe:CMD` sources (webdataset's form, e.g. 'pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -'): each
+      expanded command's output is copied once into the spool folder (opts.spool, else a temporary folder removed
+      at exit) and indexed there as a local tar, since encoding reads samples by index. A spooled tar found
+      complete is reused. The tar's name is the command's last word ending in .tar (else pipe-<n>.tar).
+    - The layout of timm/imagenet-1k-wds (KEY.jpg + KEY.cls + KEY.json) is this one: the .json is ignored.
     """
 
     kind = "webdataset"
+    shard_noun = "tar shard"
 
-    def __init__(self, spec: str, num_classes: int | None = None) -> None:
-        paths = expand_tar_spec(spec)
+    def __init__(self, spec: str, num_classes: int | None = None, opts: SourceOptions = SourceOptions()) -> None:
+        self.opts = opts
+        if spec.startswith("pipe:"):
+            paths = spool_pipe_shards(spec, opts.spool)
+        else:
+            paths = expand_tar_spec(spec)
         bound = num_classes or MAX_CLASSES
-        self.root = spec if "{" in spec else str(Path(spec).expanduser().resolve())
-        paths = sorted(paths, key=lambda q: q.name)
+        self.root = spec if spec.startswith("pipe:") or is_pattern(spec) else str(Path(spec).expanduser().resolve())
+        paths = sorted_unique(paths, spec, "tar shard")
         names = [q.name for q in paths]
-        dup = [a for a, b in zip(names, names[1:]) if a == b]  # names are sorted, so duplicates are adjacent
-        if dup:
-            raise BadInputError(f"{spec}: several shards are named {dup[0]}; tar file names must be unique")
         self.tar_paths = [str(q.resolve()) for q in paths]
         self.class_names = None
         self.warnings = []
@@ -156,6 +206,10 @@ class WebDatasetSource(ImageSource):
                 labels.append(cls_label)
                 if len(images) > 1:
                     self.known_bad[i] = "several image members (" + ", ".join(f"{prefix}.{x[0]}" for x in images) + ")"
+                elif (why := over_cap(images[0][2], opts.max_bytes)) is not None:
+                    self.known_bad[i] = f"tar member of {why}"
+                elif images[0][3]:
+                    self.known_bad[i] = "sparse tar member (written by tar --sparse; store images as plain members)"
                 elif cls_problem:
                     self.known_bad[i] = cls_problem
             if path in self.damaged:
@@ -166,6 +220,7 @@ class WebDatasetSource(ImageSource):
             why = "".join(f"; {p}: {r}" for p, r in self.damaged.items())
             raise BadInputError(f"{spec}: no image samples found in {len(paths)} tar file(s){why}")
         self.keys = keys
+        check_names(keys, lambda i: f"{self.tar_paths[tar_ids[i]]}/{keys[i].split('/', 1)[1]}", "tar member name")
         self.labels = np.asarray(labels, dtype=np.int64)
         self._num_classes = num_classes
         self._tar_ids = np.asarray(tar_ids, dtype=np.int32)
@@ -194,7 +249,7 @@ class WebDatasetSource(ImageSource):
                 continue
             low = suffix.lower()
             if low in IMAGE_SUFFIXES:
-                samples.setdefault(prefix, ([], []))[0].append((suffix, m.offset_data, m.size))
+                samples.setdefault(prefix, ([], []))[0].append((suffix, m.offset_data, m.size, m.issparse()))
             elif low == "cls":
                 samples.setdefault(prefix, ([], []))[1].append((m.offset_data, m.size))
 
@@ -211,7 +266,9 @@ class WebDatasetSource(ImageSource):
                     orphans += 1
                     continue
                 label, problem = -1, None
-                if not clss:
+                if self.opts.unlabeled:  # .cls members, if any, are not read
+                    label = 0
+                elif not clss:
                     problem = "no .cls label" + (" (the tar shard is damaged: it may have been lost)"
                                                  if scan.damage else "")
                 elif len(clss) > 1:
@@ -225,7 +282,8 @@ class WebDatasetSource(ImageSource):
                         label = int(text)
                     else:
                         problem = f"bad .cls label {text[:20]!r} (expected a non-negative integer)"
-                cut = cut_off(images[0][1], images[0][2]) if len(images) == 1 else None
+                one = len(images) == 1 and not images[0][3]  # a sparse member's stored size is not its size
+                cut = cut_off(images[0][1], images[0][2]) if one else None
                 out.append((prefix, images, label, cut or problem))
         if orphans:
             self.warnings.append(f"{path}: {orphans} .cls member(s) with no image member ignored")

@@ -1,23 +1,26 @@
 """The options of `encode-latents` and `encode-features` (light: the CLI reads them to build --help)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from repa_pipe.cache.source_options import BYTES_PER_BUDGET_PIXEL, DEFAULT_MAX_MEGAPIXELS, SourceOptions
 from repa_pipe.models.registry import CODEC_NAMES, ENCODERS
-from repa_pipe.pipeline.config import check_at_least, check_choices, option
+from repa_pipe.pipeline.config import check_at_least, check_choices, flag, option
 from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.precision import NAMES as PRECISION_NAMES
 
 DEFAULT_RESOLUTION = 256
-DEFAULT_MAX_MEGAPIXELS = 64.0  # ImageNet's largest images are under 20 Mpx
 
 
 @dataclass(frozen=True)
 class _Target:
     source: str = option(help="Images: an ImageFolder root (ROOT/<class>/<file>), a folder of WebDataset .tar "
-                              "shards, or a brace pattern such as 'shards/train-{0000..0099}.tar'.", metavar="PATH")
+                              "shards or of Hugging Face .parquet files, one shard, a pattern such as "
+                              "'shards/train-{0000..0099}.tar' or 'data/train-*.parquet', or 'pipe:CMD' (webdataset's "
+                              "streaming form).", metavar="PATH")
     cache: Path = option(help="Cache folder (created if new; arrays are added to an existing cache of the same "
                               "images).", metavar="DIR")
 
@@ -39,13 +42,32 @@ class _Common:
                                               "100,000.", metavar="N")
     max_megapixels: float = option(DEFAULT_MAX_MEGAPIXELS, "Pixel budget: an image whose header declares more "
                                    "megapixels is a bad image (found before it is decoded).", metavar="MPX")
+    max_image_mb: Optional[float] = option(None, "Byte cap per image file, tar member or parquet value, checked "
+                                           "before it is read (a bad image when over). Default: 4 bytes per pixel of "
+                                           "--max-megapixels (256 MB).", metavar="MB")
+    follow_links: bool = option(False, "ImageFolder: follow symbolic links to folders and links leading outside "
+                                       "the source folder (each real folder listed once); by default they are "
+                                       "skipped with a warning.")
+    unlabeled: bool = option(False, "Tar or parquet shards without labels (label -1 in Hugging Face parquet): every "
+                                    "image gets label 0 of one class.")
+    spool: Optional[str] = option(None, "Folder where each 'pipe:' shard is copied once and kept (reused by a "
+                                        "resumed run or the other encode stage). Default: a temporary folder, "
+                                        "removed at exit.", metavar="DIR")
 
     def _check_common(self) -> None:
         check_choices(self)
         check_at_least(self, ("batch_size", "shard_size", "resolution", "num_classes"), 1)
         check_at_least(self, ("workers",), 0)
-        if not self.max_megapixels > 0:
-            raise ConfigError(f"--max-megapixels must be positive, got {self.max_megapixels}")
+        for name in ("max_megapixels", "max_image_mb"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"{flag(name)} must be a positive number, got {v}")
+
+    def source_options(self) -> SourceOptions:
+        """The source options of this command, the byte cap resolved."""
+        mb = self.max_image_mb if self.max_image_mb is not None else BYTES_PER_BUDGET_PIXEL * self.max_megapixels
+        return SourceOptions(unlabeled=self.unlabeled, follow_links=self.follow_links, max_bytes=int(mb * 1e6),
+                             spool=self.spool)
 
 
 @dataclass(frozen=True)

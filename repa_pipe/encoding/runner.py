@@ -49,14 +49,19 @@ class EncodeJob:
 
 
 def open_checked_source(cfg: EncodeLatentsConfig | EncodeFeaturesConfig) -> ImageSource:
-    """The source of an encode command, listed, with its warnings printed once. A source with damaged tar shards
-    is refused (before anything is written) unless --skip-bad."""
-    source = open_source(cfg.source, cfg.num_classes)
-    damaged: dict[str, str] = getattr(source, "damaged", {})
+    """The source of an encode command, listed, with its warnings printed once. A source with damaged tar shards or
+    parquet files is refused (before anything is written) unless --skip-bad."""
+    opts = cfg.source_options()
+    if cfg.source.startswith("pipe:") and opts.spool is not None:
+        # Rank 0 copies the shards into the shared spool first; the other ranks then find them there.
+        dist.run_on_rank0(lambda: open_source(cfg.source, cfg.num_classes, opts) and None)
+    source = open_source(cfg.source, cfg.num_classes, opts)
+    damaged = source.damaged
     if damaged and not cfg.skip_bad:
         path, reason = next(iter(damaged.items()))
-        more = f" (and {len(damaged) - 1} more damaged tar shard(s))" if len(damaged) > 1 else ""
-        raise BadInputError(f"{path}: damaged tar shard ({reason}){more}; pass --skip-bad to encode the samples "
+        noun = source.shard_noun
+        more = f" (and {len(damaged) - 1} more damaged {noun}(s))" if len(damaged) > 1 else ""
+        raise BadInputError(f"{path}: damaged {noun} ({reason}){more}; pass --skip-bad to encode the samples "
                             "readable before the damage and record the lost ones as bad samples")
     for w in source.warnings:
         log(f"[yellow]warning:[/] {escape(w)}")
