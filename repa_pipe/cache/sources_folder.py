@@ -156,9 +156,12 @@ class ImageFolderSource(ImageSource):
         keys: list[str] = []
         labels: list[int] = []
         bad: dict[str, str] = {}
+        # Class folders are claimed before any is listed: a link from one class into another is then a second way
+        # to a listed folder (skipped), never a way to list the other class's images under this class.
+        listed = [walker.enter(str(p / name), name, (p / name).is_symlink()) for name in classes]
         for ci, name in enumerate(classes):
             files: list[str] = []
-            if walker.enter(str(p / name), name, (p / name).is_symlink()):
+            if listed[ci]:
                 walker.files(str(p / name), name, files, bad)
             if not files:
                 self.warnings.append(f"class folder {name!r} (class index {ci}) has no images")
