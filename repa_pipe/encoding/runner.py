@@ -52,9 +52,12 @@ def open_checked_source(cfg: EncodeLatentsConfig | EncodeFeaturesConfig) -> Imag
     """The source of an encode command, listed, with its warnings printed once. A source with damaged tar shards or
     parquet files is refused (before anything is written) unless --skip-bad."""
     opts = cfg.source_options()
+
+    def fill_spool() -> None:
+        open_source(cfg.source, cfg.num_classes, opts)
+
     if cfg.source.startswith("pipe:") and opts.spool is not None:
-        # Rank 0 copies the shards into the shared spool first; the other ranks then find them there.
-        dist.run_on_rank0(lambda: open_source(cfg.source, cfg.num_classes, opts) and None)
+        dist.run_on_rank0(fill_spool)  # rank 0 copies the shards into the shared spool; the others then reuse them
     source = open_source(cfg.source, cfg.num_classes, opts)
     damaged = source.damaged
     if damaged and not cfg.skip_bad:
