@@ -341,3 +341,25 @@ def test_two_gloo_ranks_under_torchrun_encode_parquet_like_one_process(tmp_path:
     assert "2 process(es)" in p.stderr
     assert tree(one, "cache.zarr/latents/tiny") == tree(two, "cache.zarr/latents/tiny")
     assert tree(one, "index") == tree(two, "index")
+
+
+def test_pipe_source_encodes_like_the_local_tars_and_keeps_its_spool(tmp_path: Path):
+    d = timm_wds(tmp_path / "wds")
+    spool = tmp_path / "spool"
+    spec = f"pipe:cat {d}/imagenet1k-train-{{0000..0001}}.tar"
+    ok(encode_args("encode-latents", d, tmp_path / "local", "pixel"))
+    ok(encode_args("encode-latents", spec, tmp_path / "piped", "pixel") + ["--spool", spool])
+    np.testing.assert_array_equal(read_array(tmp_path / "local", "latents/pixel"),
+                                  read_array(tmp_path / "piped", "latents/pixel"))
+    assert tree(tmp_path / "local", "index") == tree(tmp_path / "piped", "index")
+    assert sorted(p.name for p in spool.iterdir()) == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"]
+
+
+def test_unlabeled_parquet_split_encodes_as_one_class(tmp_path: Path):
+    src = write_parquet(tmp_path / "test" / "test-00000.parquet", [img_bytes(k) for k in range(5)], [-1] * 5)
+    r = invoke(encode_args("encode-latents", src, tmp_path / "c", "pixel"))
+    assert r.exit_code == 1 and "--unlabeled" in " ".join(r.output.split()) and not (tmp_path / "c").exists()
+    ok(encode_args("encode-latents", src, tmp_path / "c", "pixel") + ["--unlabeled"])
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["dataset"]["num_classes"] == 1 and m["dataset"]["kind"] == "parquet"
+    assert np.load(tmp_path / "c" / "index" / "labels.npy").tolist() == [0] * 5
