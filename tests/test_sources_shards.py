@@ -363,3 +363,18 @@ def test_unlabeled_parquet_split_encodes_as_one_class(tmp_path: Path):
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["dataset"]["num_classes"] == 1 and m["dataset"]["kind"] == "parquet"
     assert np.load(tmp_path / "c" / "index" / "labels.npy").tolist() == [0] * 5
+
+
+def test_bad_parquet_image_stops_with_file_and_row_keeps_done_shards_and_skip_bad_records(tmp_path: Path):
+    blobs = [img_bytes(k) for k in range(8)]
+    blobs[5] = blobs[5][: len(blobs[5]) // 2]  # cut short
+    path = write_parquet(tmp_path / "pq" / "p.parquet", blobs, [k % 2 for k in range(8)])
+    cache = tmp_path / "c"
+    r = invoke(encode_args("encode-latents", path, cache, "pixel"))
+    said = " ".join(r.output.split())
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{path} row 5: truncated image data" in said and "--skip-bad" in said, r.output
+    assert (cache / "done" / "latents" / "pixel" / "000000.json").exists()  # shard 0 (rows 0-3) kept
+    ok(encode_args("encode-latents", path, cache, "pixel") + ["--skip-bad"])
+    bad = json.loads((cache / "manifest.json").read_text())["arrays"]["latents/pixel"]["bad"]
+    assert [(b["index"], b["key"], b["path"]) for b in bad] == [(5, "p.parquet/5", f"{path} row 5")]

@@ -239,7 +239,9 @@ class ImageSource(ABC):
 
     Attributes: kind, root, keys (canonical order), labels ((N,) int64, -1 = no usable label), class_names
     (or None), warnings (human-readable notes found while listing), known_bad (index -> reason for samples found
-    unusable while listing; read() raises for them; their index is kept so nothing shifts).
+    unusable while listing; read() raises for them; their index is kept so nothing shifts), opts (how it was
+    listed and is read: links, byte cap, labels), damaged (shard path -> why it could not be read in full; a
+    `shard_noun` each) for sources made of shards.
     Instances hold no open files, so they pickle cheaply into DataLoader workers.
     """
 
