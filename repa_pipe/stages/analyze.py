@@ -14,11 +14,12 @@ import numpy as np
 from repa_pipe.analysis import report
 from repa_pipe.analysis.alignment import analyze_model
 from repa_pipe.analysis.config import AnalyzeConfig, parse_times
-from repa_pipe.cache.manifest import Manifest, TrainingView, is_cache, read_manifest
+from repa_pipe.cache.manifest import Manifest, TrainingView, read_manifest
 from repa_pipe.cache.reader import CacheReader, check_ready
-from repa_pipe.pipeline import dist, runs
+from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
 from repa_pipe.pipeline.progress import console, log
+from repa_pipe.run.record import RECORD, locate_cache, read_record
 from repa_pipe.sampling.weights import load_for_sampling
 
 
@@ -47,14 +48,13 @@ def subset(valid: np.ndarray, n: int, seed: int) -> np.ndarray:
 def run(cfg: AnalyzeConfig) -> None:
     times = parse_times(cfg.times)
     run_dir = Path(cfg.run_dir)
-    record = runs.read_record(run_dir)
+    record = read_record(run_dir)
     if record is None:
-        raise ConfigError(f"{run_dir}: not a training run (no {runs.RECORD}); pass the --run-dir of `repa-pipe "
-                          "train`")
+        raise ConfigError(f"{run_dir}: not a training run (no {RECORD}); pass the --run-dir of `repa-pipe train`")
     device = dist.device()
     loaded = load_for_sampling(run_dir, cfg.ckpt, None, device)
-    view = TrainingView.from_json(loaded.view or record.view)
-    cache = runs.locate_cache(run_dir, record, cfg.cache, is_cache)
+    view = loaded.ck.view or record.cache.view
+    cache = locate_cache(run_dir, record, cfg.cache)
     m = read_manifest(cache)
     features = choose_features(cfg.encoder, view, m)
     try:
@@ -68,11 +68,10 @@ def run(cfg: AnalyzeConfig) -> None:
     reader = CacheReader(cache, [view.latents, features], threads=4)
     try:
         rows = subset(reader.valid_indices(), cfg.num_samples, cfg.seed)
-        tc = loaded.train_config
         log(f"analyze: {loaded.kind} {loaded.source} (step {loaded.step}), {len(rows)} rows of {cache}, "
             f"{features}, t in {list(times)}")
         a = analyze_model(loaded.model, reader, view.latents, features, rows, scaling_factor=view.scaling_factor,
-                          path=tc.get("path", "linear"), times=times, topk=cfg.topk, holdout=cfg.probe_holdout,
+                          path=loaded.ck.facts.path, times=times, topk=cfg.topk, holdout=cfg.probe_holdout,
                           batch_size=cfg.batch_size, precision=cfg.precision, seed=cfg.seed, device=device,
                           aligned_block=loaded.model.encoder_depth if loaded.model.z_dims else None)
     finally:

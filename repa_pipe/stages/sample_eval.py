@@ -13,14 +13,15 @@ from typing import Optional
 import torch
 
 from repa_pipe import __version__
-from repa_pipe.cache.manifest import Provenance, is_cache
 from repa_pipe.cache.layout import CachePaths
-from repa_pipe.pipeline import dist, images, runs
+from repa_pipe.cache.manifest import TrainingView, is_cache
+from repa_pipe.pipeline import dist, images
 from repa_pipe.pipeline.config import to_dict
 from repa_pipe.pipeline.errors import ConfigError, MissingWeightsError
 from repa_pipe.pipeline.fileio import atomic_write_json
 from repa_pipe.pipeline.hashing import hash_state_dict
 from repa_pipe.pipeline.progress import log
+from repa_pipe.run.record import locate_cache, read_record
 from repa_pipe.sampling import shards
 from repa_pipe.sampling.config import SampleEvalConfig
 from repa_pipe.sampling.decode import choose_decoder, make_decoder
@@ -33,33 +34,32 @@ GRID_N = 64
 
 def make_sampler(cfg: SampleEvalConfig, device: torch.device) -> tuple[Sampler, LoadedModel]:
     loaded = load_for_sampling(cfg.run_dir, cfg.ckpt, cfg.model, device)
-    view = loaded.view or _record_view(cfg.run_dir)
+    view = loaded.ck.view or _record_view(cfg.run_dir)
     if cfg.vae is None and view is None:
         raise ConfigError("cannot tell which VAE decodes these latents: pass --vae (e.g. sd-vae-ft-ema) "
                           "and --vae-weights DIR")
-    codec = Provenance(**view["codec"]) if view is not None else None
-    name, weights = choose_decoder(codec, cfg.vae, cfg.vae_weights)
+    name, weights = choose_decoder(view.codec if view is not None else None, cfg.vae, cfg.vae_weights)
     return Sampler(cfg, loaded.model, make_decoder(name, weights, device), device, (name, weights)), loaded
 
 
-def _record_view(run_dir: Optional[Path]) -> Optional[dict]:
-    record = runs.read_record(run_dir) if run_dir is not None else None
-    return record.view if record is not None else None
+def _record_view(run_dir: Optional[Path]) -> Optional[TrainingView]:
+    record = read_record(run_dir) if run_dir is not None else None
+    return record.cache.view if record is not None else None
 
 
 def reference_source(cfg: SampleEvalConfig, loaded: Optional[LoadedModel]) -> Optional[ReferenceSource]:
     """The cache's stats folder and source images for default reference statistics (None: not known)."""
     if cfg.ref_stats or not cfg.inception_weights:
         return None
-    record = runs.read_record(cfg.run_dir) if cfg.run_dir is not None else None
+    record = read_record(cfg.run_dir) if cfg.run_dir is not None else None
     if record is not None:
-        cache = runs.locate_cache(cfg.run_dir, record, cfg.cache, is_cache)
-        view = record.view
-    elif cfg.cache is not None and loaded is not None and loaded.view is not None:
-        cache, view = Path(cfg.cache), loaded.view
+        cache = locate_cache(cfg.run_dir, record, cfg.cache)
+        view = record.cache.view
+    elif cfg.cache is not None and loaded is not None and loaded.ck.view is not None:
+        cache, view = Path(cfg.cache), loaded.ck.view
     else:
         return None
-    return ReferenceSource(CachePaths(cache).stats, view["dataset_root"], view["resolution"])
+    return ReferenceSource(CachePaths(cache).stats, view.dataset_root, view.resolution)
 
 
 def eval_only(cfg: SampleEvalConfig) -> None:
