@@ -3,7 +3,7 @@
     python bench/walk.py            # prints the train and sample-eval walks
 
 A *move* is a call into a repa_pipe function that takes the command's config object (an instance of its config
-dataclass) as an argument, made from another module than the previous such call's (calls within one module are
+dataclass, or an object carrying it as `.cfg`, e.g. training's Plan) as an argument, made from another module than the previous such call's (calls within one module are
 one stay). A *climb* is a move to a module of a higher layer (docs/CONTRACTS.md: cli > stages > encoding,
 training, sampling, analysis, demo > pipeline, cache, models, metrics). Train's walk runs from `stages/train.py`
 to the first `training/step.py: micro_loss`; sample-eval's from `stages/sample_eval.py` to its first sampler call
@@ -37,7 +37,8 @@ def module_of(code: Any) -> str | None:
 
 
 def walk(fn: Callable[[], None], cfg_type: type, stop: Callable[[str, str], bool]) -> list[str]:
-    """Modules of the calls, in order, whose arguments include a `cfg_type` instance, until `stop(module, name)`."""
+    """Modules of the calls, in order, whose arguments include a `cfg_type` instance (or carry one as `.cfg`), until
+    `stop(module, name)`."""
     seq: list[str] = []
     done = [False]
 
@@ -53,7 +54,7 @@ def walk(fn: Callable[[], None], cfg_type: type, stop: Callable[[str, str], bool
             return
         n = frame.f_code.co_argcount + frame.f_code.co_kwonlyargcount
         args = [frame.f_locals.get(name) for name in frame.f_code.co_varnames[:n]]
-        if any(isinstance(a, cfg_type) for a in args):
+        if any(isinstance(a, cfg_type) or isinstance(getattr(a, "cfg", None), cfg_type) for a in args):
             seq.append(mod)
 
     sys.setprofile(prof)

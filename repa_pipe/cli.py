@@ -193,7 +193,8 @@ def command(group: typer.Typer, name: str, cfg_cls: type, stage: Callable[[Any],
     params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
     def run(**kwargs: Any) -> None:
-        debug = kwargs.pop("debug") or _debug(kwargs.pop("ctx"))
+        ctx = kwargs.pop("ctx")
+        debug = kwargs.pop("debug") or _debug(ctx)
 
         def go() -> None:
             values = prepare(kwargs) if prepare else kwargs

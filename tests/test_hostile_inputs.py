@@ -151,6 +151,13 @@ def test_10_a_seed_outside_64_bits_is_refused_before_anything_is_written(cache, 
     assert not run.exists()
 
 
+def test_10_the_largest_seed_trains_and_previews(cache, tmp_path):
+    run = tmp_path / "run"
+    ok(train_args(cache, run, 1, "--seed", str(2 ** 64 - 1), "--sample-every", "1", "--preview-samples", "2",
+                  "--preview-steps", "2"))
+    assert (run / "samples" / "0000001.png").is_file()
+
+
 @pytest.mark.parametrize("option, value", [("--lr", "inf"), ("--proj-coeff", "nan"), ("--proj-coeff", "inf")])
 def test_10_non_finite_lr_and_proj_coeff_are_refused(cache, tmp_path, option, value):
     run = tmp_path / "run"

@@ -20,7 +20,7 @@ from repa_pipe.pipeline.errors import CheckpointError
 from repa_pipe.run import checkpoint as ckpt
 from repa_pipe.run.record import read_record
 from repa_pipe.sampling.config import SampleEvalConfig
-from repa_pipe.sampling.weights import load_for_sampling
+from repa_pipe.run.model import load_model
 from repa_pipe.stages import sample_eval
 
 V1_RUN = Path(__file__).parent / "data" / "v1_run"
@@ -95,7 +95,7 @@ def test_the_references_last_pt_layouts_load(tmp_path):
         ck = ckpt.load(path)
         assert ck.kind == "reference" and ck.step == step and ck.training is None and ck.config == {}
         assert ck.ema.keys() == ema.keys()
-        loaded = load_for_sampling(None, str(path), "SiT-T/2", torch.device("cpu"))
+        loaded = load_model(None, str(path), "SiT-T/2", torch.device("cpu"))
         assert loaded.kind == "reference" and loaded.model.encoder_depth == 2  # the preset's: nothing recorded
 
 

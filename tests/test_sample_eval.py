@@ -39,6 +39,7 @@ from repa_pipe.run.checkpoint import Checkpoint, TrainingState, save
 from repa_pipe.run.record import CacheIdentity, new_record, write_record
 from repa_pipe.sampling import evaluation
 from repa_pipe.sampling import sampler as sampler_mod
+from repa_pipe.sampling import session as sampling_session
 from repa_pipe.sampling.config import ExportConfig, SampleEvalConfig
 from repa_pipe.sampling.decode import make_decoder
 from repa_pipe.stages import export, sample_eval
@@ -481,7 +482,7 @@ def test_metrics_inputs_are_checked_before_any_sample_is_drawn(setup, inception,
     def no_sampling(*a, **k):
         raise AssertionError("sampling started")
 
-    monkeypatch.setattr(sample_eval, "run_sampling", no_sampling)
+    monkeypatch.setattr(sampling_session, "run_sampling", no_sampling)
     cases = [(["--inception-weights", tmp_path / "nope.pth"], "nope.pth does not exist"),
              (["--inception-weights", inception, "--ref-stats", tmp_path / "ref.npz"],
               f"--ref-stats {tmp_path / 'ref.npz'}: no such file")]
@@ -491,7 +492,7 @@ def test_metrics_inputs_are_checked_before_any_sample_is_drawn(setup, inception,
         assert not (tmp_path / "o").exists()
     # the cache's source images moved away and no statistics are stored: say so now, name --ref-stats
     gone = tmp_path / "gone"
-    monkeypatch.setattr(sample_eval, "reference_source",
+    monkeypatch.setattr(sampling_session, "reference_source",
                         lambda cfg, loaded: evaluation.ReferenceSource(tmp_path / "stats", str(gone), 32))
     line = error_line(invoke(cli_args(setup, tmp_path / "o", "--inception-weights", inception)))
     assert f"source images {gone} are gone" in line and "--ref-stats" in line, line
@@ -511,7 +512,7 @@ BAD_NPZ = {
 def test_bad_sample_npz_rejected_before_any_model_loads(setup, tmp_path, monkeypatch, inception_given):
     loaded = []
     monkeypatch.setattr(evaluation, "load_inception", lambda *a, **k: loaded.append("inception"))
-    monkeypatch.setattr(sample_eval, "load_for_sampling", lambda *a, **k: loaded.append("sit"))
+    monkeypatch.setattr(sampling_session, "load_model", lambda *a, **k: loaded.append("sit"))
     weights = ["--inception-weights", tmp_path / "weights.pth"] if inception_given else []
     for name, (arr, pattern) in BAD_NPZ.items():
         np.savez(tmp_path / f"{name}.npz", arr_0=arr)

@@ -34,8 +34,8 @@ from repa_pipe.cli import FLOW, app
 from repa_pipe.models.registry import SIT_PRESETS, sampling_decoder
 from repa_pipe.pipeline import checkpoint, progress
 from repa_pipe.sampling import sampler as sampler_mod
+from repa_pipe.sampling import session as sampling_session
 from repa_pipe.sampling.decode import choose_decoder
-from repa_pipe.stages import sample_eval
 from repa_pipe.run.record import locate_cache, read_record
 from repa_pipe.training.config import TrainConfig, encoder_depth_for
 from train_fixtures import SD_SCALE, CacheOpts, Latents, assert_states_equal, make_cache
@@ -678,7 +678,7 @@ def test_9_sample_eval_decodes_ft_mse_latents_with_ft_ema(tmp_path, monkeypatch)
         built.append((name, weights))
         return lambda z: torch.full((z.shape[0], 64, 64, 3), 128, dtype=torch.uint8)
 
-    monkeypatch.setattr(sample_eval, "make_decoder", fake_decoder)
+    monkeypatch.setattr(sampling_session, "make_decoder", fake_decoder)
     ok(["sample-eval", "--run-dir", run, "--out", tmp_path / "out", *SAMPLE_ARGS])
     ok(["sample-eval", "--run-dir", run, "--out", tmp_path / "out2", *SAMPLE_ARGS, "--vae", "sd-vae-ft-mse"])
     assert built == [("sd-vae-ft-ema", None), ("sd-vae-ft-mse", None)]

@@ -17,7 +17,7 @@ class SiTPreset:
 
 
 # name: (depth, hidden, heads, encoder depth). Encoder depths: the paper's 8 for L and XL, 4 for B (the author's
-# choice, issue #5); a third of the blocks for the sizes the paper did not train.
+# choice, github.com/sihyun-yu/REPA issue #5); a third of the blocks for the sizes the paper did not train.
 _SIZES = {
     "T": (4, 64, 4, 2),  # tiny: CPU tests, not in the reference
     "S": (12, 384, 6, 4),

@@ -1,22 +1,16 @@
-"""The options of `repa-pipe train`, and what may change when a run resumes (light: the CLI reads it)."""
+"""The options of `repa-pipe train` (light: the CLI reads it)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from repa_pipe.models.registry import (ALIGN_LOSSES, ATTN_BACKENDS, ENCODERS, PATHS, SIT_PRESETS, SIT_PRESETS_TEXT,
                                       TIME_SAMPLERS)
 from repa_pipe.pipeline.config import check_at_least, check_choices, check_fraction, flag, option
 from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.precision import NAMES as PRECISION_NAMES
-
-# What a resumed run may not change: the model, its inputs and the stream of batches and draws it trains on.
-RESUME_FIXED = ("model", "encoder", "latents", "encoder_depth", "projector_dim", "global_batch_size", "seed",
-                "path", "weighting", "align_loss", "label_dropout")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -57,7 +51,7 @@ class TrainConfig:
     keep_ckpts: int = option(0, "Keep only the newest K checkpoints (0: all).", metavar="K")
     log_every: int = option(100, "Write metrics.jsonl and a progress line every N steps.", metavar="N")
     sample_every: int = option(10_000, "EMA preview grid every N steps (0: never).", metavar="N")
-    # the reference's preview sampler: Euler ODE, 50 steps, guidance 4 (train.py's in-training samples)
+    # the reference's preview sampler (github.com/sihyun-yu/REPA, train.py): Euler ODE, 50 steps, guidance 4
     preview_samples: int = option(16, "Images in each EMA preview grid (fixed noises and labels).", metavar="N")
     preview_steps: int = option(50, "Euler ODE steps of the EMA previews.", metavar="N")
     preview_cfg_scale: float = option(4.0, "Classifier-free guidance scale of the EMA previews.", metavar="W")
@@ -97,34 +91,3 @@ class TrainConfig:
 def encoder_depth_for(cfg: TrainConfig) -> int:
     """--encoder-depth, or the model's default (models/registry.py)."""
     return cfg.encoder_depth or SIT_PRESETS[cfg.model].encoder_depth
-
-
-def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(rows per micro-batch, micro-batches per step) for this world size."""
-    if cfg.global_batch_size % world:
-        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is not divisible by {world} processes")
-    share = cfg.global_batch_size // world
-    micro = min(cfg.micro_batch_size or share, share)
-    if share % micro:
-        raise ConfigError(f"a rank's share {share} (--global-batch-size {cfg.global_batch_size} / {world} "
-                          f"processes) is not divisible by --micro-batch-size {micro}")
-    return micro, share // micro
-
-
-# Options that belong to one command, not to the run: locations spelled as typed (relative to the working folder;
-# a run resumed from another folder or after a move changed neither, the record tracks the cache's location), and
-# the permission to go on with another cache (recorded as the cache's change itself).
-PER_COMMAND = ("cache", "run_dir", "allow_other_cache")
-
-
-def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
-    """{option: [saved, now]} for every option that differs from the run being resumed (both as trained with:
-    derived values filled in); ConfigError naming every fixed option that differs (see RESUME_FIXED). An option
-    the saved run does not know (added since) counts at its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    saved = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **saved}
-    fixed = [f"{flag(k)} {saved.get(k)!r} (now {now.get(k)!r})" for k in RESUME_FIXED if saved.get(k) != now.get(k)]
-    if fixed:
-        raise ConfigError(f"this run was trained with other settings: {', '.join(fixed)}; these cannot change on "
-                          "resume: use another --run-dir or the same options")
-    return {k: [saved.get(k), v] for k, v in now.items() if k not in PER_COMMAND and saved.get(k) != v}

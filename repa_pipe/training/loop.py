@@ -43,7 +43,7 @@ def save_checkpoint(p: Plan, state: State) -> Path:
     err = None
     if dist.is_main():
         try:
-            ck = state.checkpoint(cfg, p.resolved, p.view, p.identity, path)
+            ck = state.checkpoint(p.typed, p.resolved, p.view, p.identity, path)
             save(path, ck, cfg.seed)  # atomic: temp file, fsync, rename
             files.prune(cfg.run_dir, cfg.keep_ckpts)
         except CheckpointError as e:

@@ -56,17 +56,26 @@ def train(cfg: TrainConfig, make_decoder: MakeDecoder) -> Trained:
     p = plan(cfg, dist.env_info().world_size)
     info = dist.init()
     lock = run_lock(cfg.run_dir)
-    dist.run_on_rank0(lambda: lock.acquire() and None)  # the holder's error, if any, stops every rank
     try:
-        return _train(p, info.world_size, make_decoder)
+        return _train(p, info.world_size, make_decoder, lock)
     finally:
         lock.release()
 
 
-def _train(p: Plan, world_size: int, make_decoder: MakeDecoder) -> Trained:
+def _hold(lock: HolderLock, p: Plan) -> None:
+    """Rank 0 takes the run's lock; the newest checkpoint must still be the one planned from (another train may
+    have written one since)."""
+    lock.acquire()
+    newest = files.latest(p.cfg.run_dir)
+    if newest != (p.resume.source if p.resume is not None else None):
+        raise RunBusyError(f"{p.cfg.run_dir}: another train wrote {newest} while this one started; run the same "
+                           "command again to resume from it")
+
+
+def _train(p: Plan, world_size: int, make_decoder: MakeDecoder, lock: HolderLock) -> Trained:
     cfg = p.cfg
     device = setup_device(cfg)
-    state = st.new_state(cfg, p.view, device)
+    state = st.new_state(cfg, p.view, device, p.encoder_depth)
     if p.resume is not None:
         st.load_into(state, p.resume, cfg)
         what = describe_changes(p.changes)
@@ -74,6 +83,7 @@ def _train(p: Plan, world_size: int, make_decoder: MakeDecoder) -> Trained:
     if state.step >= cfg.steps:
         dist.shutdown()
         return Trained(Path(cfg.run_dir), state.step, None, cfg.steps)
+    dist.run_on_rank0(lambda: _hold(lock, p))  # its error, if any, stops every rank
     if dist.is_main():
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         if files.clean_temp(cfg.run_dir):

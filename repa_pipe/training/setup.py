@@ -6,6 +6,7 @@ the process group starts and before the run folder is touched.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,27 +20,57 @@ from repa_pipe.run.checkpoint import Checkpoint, load_from
 from repa_pipe.run.facts import effective
 from repa_pipe.run.record import (RECORD, CacheIdentity, CacheRecord, RunRecord, cache_paths, new_record, read_record,
                                   write_record)
-from repa_pipe.training.config import TrainConfig, encoder_depth_for, micro_batches, resume_changes
+from repa_pipe.training.config import TrainConfig, encoder_depth_for
 from repa_pipe.training.state import check_view
 
 Resolved = dict[str, dict[str, Any]]  # {option: {"value": derived value, "why": how}}
+
+# What a resumed run may not change: the model, its inputs and the stream of batches and draws it trains on.
+RESUME_FIXED = ("model", "encoder", "latents", "encoder_depth", "projector_dim", "global_batch_size", "seed",
+                "path", "weighting", "align_loss", "label_dropout")
+# Options that belong to one command, not to the run: locations spelled as typed (relative to the working folder;
+# a run resumed from another folder or after a move changed neither, the record tracks the cache's location), and
+# the permission to go on with another cache (recorded as the cache's change itself).
+PER_COMMAND = ("cache", "run_dir", "allow_other_cache")
+
+
+def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per step) for this world size."""
+    if cfg.global_batch_size % world:
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is not divisible by {world} processes")
+    share = cfg.global_batch_size // world
+    micro = min(cfg.micro_batch_size or share, share)
+    if share % micro:
+        raise ConfigError(f"a rank's share {share} (--global-batch-size {cfg.global_batch_size} / {world} "
+                          f"processes) is not divisible by --micro-batch-size {micro}")
+    return micro, share // micro
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
+    """{option: [saved, now]} for every option that differs from the run being resumed (both as trained with:
+    derived values filled in); ConfigError naming every fixed option that differs (see RESUME_FIXED). An option
+    the saved run does not know (added since) counts at its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **saved}
+    fixed = [f"{flag(k)} {saved.get(k)!r} (now {now.get(k)!r})" for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    if fixed:
+        raise ConfigError(f"this run was trained with other settings: {', '.join(fixed)}; these cannot change on "
+                          "resume: use another --run-dir or the same options")
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in PER_COMMAND and saved.get(k) != v}
 
 
 @dataclass
 class Plan:
     cfg: TrainConfig                  # as typed
+    typed: dict[str, Any]             # the same as saved (pipeline.config.to_dict)
     resolved: Resolved                # what was derived from it
+    encoder_depth: int                # the aligned block, as resolved
     view: TrainingView
     identity: CacheIdentity
     micro: int                        # rows per forward on a rank
     accum: int                        # forwards per optimizer step
     resume: Optional[Checkpoint]      # the checkpoint to go on from (None: a new run)
     changes: dict[str, list[Any]]     # {option: [before, now]} on resume
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """The options as trained with: typed, derived values filled in."""
-        return effective(to_dict(self.cfg), self.resolved)
 
 
 def check_options(cfg: TrainConfig) -> None:
@@ -93,7 +124,7 @@ def check_cache_identity(cfg: TrainConfig, ck: Checkpoint, identity: CacheIdenti
     return {"cache_identity": [saved.to_json(), identity.to_json()]}
 
 
-def resume_plan(cfg: TrainConfig, resolved: Resolved, view: TrainingView,
+def resume_plan(cfg: TrainConfig, typed: dict[str, Any], resolved: Resolved, view: TrainingView,
                 identity: CacheIdentity) -> tuple[Optional[Checkpoint], dict[str, list[Any]]]:
     """(newest checkpoint or None, {option: [before, now]}) — refusing any change a resume cannot take."""
     if files.latest(cfg.run_dir) is None:
@@ -101,7 +132,7 @@ def resume_plan(cfg: TrainConfig, resolved: Resolved, view: TrainingView,
     ck = load_from(Path(cfg.run_dir), None)
     ck.require_training("use another --run-dir")
     try:
-        changes = resume_changes(effective(ck.config, ck.resolved), effective(to_dict(cfg), resolved))
+        changes = resume_changes(effective(ck.config, ck.resolved), effective(typed, resolved))
     except ConfigError as e:
         raise ConfigError(f"{cfg.run_dir}: {e}") from None
     check_view(ck, view)
@@ -112,9 +143,10 @@ def plan(cfg: TrainConfig, world_size: int) -> Plan:
     check_options(cfg)
     micro, accum = micro_batches(cfg, world_size)
     view, identity = cache_view(cfg)
-    resolved = resolve(cfg, view)
-    ck, changes = resume_plan(cfg, resolved, view, identity)
-    return Plan(cfg, resolved, view, identity, micro, accum, ck, changes)
+    resolved, typed = resolve(cfg, view), to_dict(cfg)
+    ck, changes = resume_plan(cfg, typed, resolved, view, identity)
+    depth = resolved["encoder_depth"]["value"] if "encoder_depth" in resolved else cfg.encoder_depth
+    return Plan(cfg, typed, resolved, depth, view, identity, micro, accum, ck, changes)
 
 
 def write_run_record(p: Plan, step: int) -> None:
@@ -123,7 +155,7 @@ def write_run_record(p: Plan, step: int) -> None:
     # A run with no checkpoint has trained nothing that persists: it starts from a fresh record.
     record: Optional[RunRecord] = read_record(run_dir) if files.latest(run_dir) is not None else None
     if record is None:
-        record = new_record(run_dir, to_dict(p.cfg), p.resolved, Path(p.cfg.cache), p.view, p.identity, utc_now())
+        record = new_record(run_dir, p.typed, p.resolved, Path(p.cfg.cache), p.view, p.identity, utc_now())
     changes = dict(p.changes)
     absolute, relative = cache_paths(run_dir, Path(p.cfg.cache))
     if absolute != record.cache.path:

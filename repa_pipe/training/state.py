@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from repa_pipe.cache.manifest import TrainingView
 from repa_pipe.models.registry import SIT_PRESETS
 from repa_pipe.models.sit import SiT, build_sit
-from repa_pipe.pipeline.config import to_dict
 from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
 from repa_pipe.run.checkpoint import Checkpoint, TrainingState
 from repa_pipe.run.record import CacheIdentity
@@ -31,10 +30,11 @@ class State:
     scaler: torch.amp.GradScaler
     step: int = 0
 
-    def checkpoint(self, cfg: TrainConfig, resolved: dict[str, dict[str, Any]], view: TrainingView,
+    def checkpoint(self, typed: dict[str, Any], resolved: dict[str, dict[str, Any]], view: TrainingView,
                    identity: CacheIdentity, path: Path) -> Checkpoint:
-        """The checkpoint of this state (run/checkpoint.py says how it is written)."""
-        return Checkpoint(path, "checkpoint", self.ema.state_dict(), self.step, to_dict(cfg), resolved, view,
+        """The checkpoint of this state, with the options as typed and what was derived from them (run/checkpoint.py
+        says how it is written)."""
+        return Checkpoint(path, "checkpoint", self.ema.state_dict(), self.step, typed, resolved, view,
                           identity, TrainingState(self.model.state_dict(), self.opt.state_dict(),
                                                   self.scaler.state_dict(), rng_state()))
 
@@ -48,7 +48,7 @@ def rng_state() -> dict[str, Any]:
     return out
 
 
-def build_model(cfg: TrainConfig, view: TrainingView) -> SiT:
+def build_model(cfg: TrainConfig, view: TrainingView, encoder_depth: int) -> SiT:
     """The SiT of `cfg.model` on the cache's latents, with one projector per aligned encoder."""
     patch = SIT_PRESETS[cfg.model].patch_size
     if view.latent_size % patch:
@@ -56,7 +56,7 @@ def build_model(cfg: TrainConfig, view: TrainingView) -> SiT:
                           f"{view.latent_size}x{view.latent_size}): pick another patch size, or a cache made at "
                           "another --resolution")
     model = build_sit(cfg.model, input_size=view.latent_size, in_channels=view.latent_channels,
-                      num_classes=view.num_classes, encoder_depth=encoder_depth_for(cfg), z_dims=view.feature_dims,
+                      num_classes=view.num_classes, encoder_depth=encoder_depth, z_dims=view.feature_dims,
                       projector_dim=cfg.projector_dim, attn_backend=cfg.attn_backend)
     check_model_fits(view, model.num_tokens, cfg.model)
     return model
@@ -73,10 +73,14 @@ def check_model_fits(view: TrainingView, model_tokens: int, model_desc: str) -> 
                 "or pick a model with another patch size")
 
 
-def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device) -> State:
+def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device,
+              encoder_depth: Optional[int] = None) -> State:
+    """A fresh state; `encoder_depth`: the aligned block as resolved (None: --encoder-depth or the model's
+    default)."""
+    depth = encoder_depth or encoder_depth_for(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, view).to(device)
-    ema = build_model(cfg, view).to(device)
+    model = build_model(cfg, view, depth).to(device)
+    ema = build_model(cfg, view, depth).to(device)
     ema.load_state_dict(model.state_dict())  # EMA starts as an exact copy (reference: update_ema(decay=0))
     ema.requires_grad_(False).eval()
     # Reference optimizer: AdamW(lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay); pos_embed is frozen.
