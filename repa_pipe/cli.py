@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import importlib
 import inspect
 import sys
 import typing
@@ -19,14 +18,6 @@ from typing import Any, Callable, Optional
 import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
-
-try:  # typer >= 0.26 vendors click: its exceptions are not the `click` package's
-    from typer import _click as click
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
-    from typer.exceptions import Abort
-except ImportError:  # pragma: no cover - typer with click as a dependency
-    import click
-    from click.exceptions import Abort, NoArgsIsHelpError, UsageError
 
 from repa_pipe.analysis.config import AnalyzeConfig
 from repa_pipe.cache.options import CacheInfoConfig, CacheVerifyConfig
@@ -42,7 +33,6 @@ FLOW = ("Typical flow: encode-latents and encode-features fill a cache from an i
         "it all on a small built-in dataset on a CPU.")
 
 err_console = Console(stderr=True)
-_state = {"debug": False}
 
 
 def _no_placeholder(option: Any) -> Any:
@@ -52,8 +42,20 @@ def _no_placeholder(option: Any) -> Any:
     return option
 
 
+def _usage_error(e: Exception) -> bool:
+    """Click's usage errors (unknown option, missing value, bad choice), told by their interface: typer's public
+    API names no UsageError, and typer vendors click's classes since 0.26 while older typers use the click
+    package's (https://github.com/fastapi/typer, release notes)."""
+    return callable(getattr(e, "format_message", None)) and getattr(e, "exit_code", None) == 2 and hasattr(e, "ctx")
+
+
+def _no_args_help(e: Exception) -> bool:
+    """click >= 8.2 raises this for `no_args_is_help` (the message is the help text; exit 0)."""
+    return type(e).__name__ == "NoArgsIsHelpError"
+
+
 class Command(TyperCommand):
-    def get_help_option(self, ctx: click.Context) -> Any:
+    def get_help_option(self, ctx: typer.Context) -> Any:
         return _no_placeholder(super().get_help_option(ctx))
 
 
@@ -61,10 +63,10 @@ class OrderedGroup(TyperGroup):
     """Lists commands in pipeline order, and prints click's own usage errors (unknown option, missing value)
     as one line with exit 1, like every other error."""
 
-    def get_help_option(self, ctx: click.Context) -> Any:
+    def get_help_option(self, ctx: typer.Context) -> Any:
         return _no_placeholder(super().get_help_option(ctx))
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.Context) -> list[str]:
         names = super().list_commands(ctx)
         return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
@@ -73,17 +75,20 @@ class OrderedGroup(TyperGroup):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
-        except NoArgsIsHelpError as e:
-            err_console.print(e.format_message(), markup=False, highlight=False)
-            code = 0
-        except UsageError as e:
-            where = e.ctx.command_path if e.ctx else _command_path(self, args, prog_name or "repa-pipe")
-            err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)", markup=True,
-                              highlight=False, soft_wrap=True)
-            code = 1
-        except Abort:
+        except typer.Abort:
             err_console.print("[bold yellow]stopped:[/] interrupted", highlight=False)
             code = 130
+        except Exception as e:
+            if _no_args_help(e):
+                err_console.print(e.format_message(), markup=False, highlight=False)
+                code = 0
+            elif _usage_error(e):
+                where = e.ctx.command_path if e.ctx else _command_path(self, args, prog_name or "repa-pipe")
+                err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)", markup=True,
+                                  highlight=False, soft_wrap=True)
+                code = 1
+            else:
+                raise
         if standalone_mode:
             sys.exit(code)
         return code
@@ -108,8 +113,15 @@ app.add_typer(cache_app, name="cache")
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.", metavar="")) -> None:
-    _state["debug"] = debug
+def _main(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.", metavar="")) -> None:
+    ctx.obj = {"debug": debug}  # read by the command (its context's parent), no module state
+
+
+def _debug(ctx: typer.Context) -> bool:
+    """--debug given before the command (`repa-pipe --debug train ...`)."""
+    root = ctx.find_root()
+    return bool(root.obj and root.obj.get("debug"))
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -118,24 +130,24 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _call(fn: Callable[[], Any]) -> None:
+def _call(fn: Callable[[], Any], debug: bool) -> None:
     """Run a command; a RepaError (config checks included) becomes one line and exit 1, a stop on a signal one
-    line and 128 + the signal."""
+    line and 128 + the signal. With `debug` the traceback shows instead."""
     from repa_pipe.pipeline.signals import Stopped
 
     try:
         fn()
     except Stopped as e:
-        if _state["debug"]:
+        if debug:
             raise
         err_console.print(f"[bold yellow]stopped:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code)
     except RepaError as e:
-        if _state["debug"]:
+        if debug:
             raise
         fail(str(e).replace("[", r"\["))
     except OSError as e:  # the file system said no: a path we cannot create or write, a full disk
-        if _state["debug"]:
+        if debug:
             raise
         fail(_os_error_line(e).replace("[", r"\["))
 
@@ -151,17 +163,9 @@ def _os_error_line(e: OSError) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def _choices_text(choices: tuple) -> str:
-    if all(isinstance(c, str) and c.startswith("SiT-") for c in choices):  # 20 presets: the pattern reads better
-        sizes = list(dict.fromkeys(c[4:].split("/")[0] for c in choices))
-        patches = list(dict.fromkeys(c.split("/")[1] for c in choices))
-        return f"SiT-{{{','.join(sizes)}}}/{{{','.join(patches)}}}"
-    return ", ".join(map(str, choices))
-
-
 def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     meta = f.metadata
-    help_text = meta["help"] + (f" Choices: {_choices_text(meta['choices'])}." if meta.get("choices") else "")
+    help_text = meta["help"] + (f" Choices: {meta['choices_text']}." if meta.get("choices") else "")
     default = f.default if f.default is not dataclasses.MISSING else ...
     is_bool = hint is bool
     annotation = list[str] if typing.get_origin(hint) is tuple else hint
@@ -177,28 +181,27 @@ def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
-def command(group: typer.Typer, name: str, cfg_cls: type, stage: str, help: str,
+def command(group: typer.Typer, name: str, cfg_cls: type, stage: Callable[[Any], None], help: str,
             prepare: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> None:
-    """Register `name`: options from `cfg_cls`'s fields; running it builds the config and calls `stage`
-    ("module:function", imported only when the command runs, so --help stays instant)."""
+    """Register `name`: options from `cfg_cls`'s fields; running it builds the config and calls `stage(cfg)`, a
+    function below that imports its stage module only when the command runs (so --help stays instant)."""
     hints = typing.get_type_hints(cfg_cls)
     params = [_parameter(f, hints[f.name]) for f in dataclasses.fields(cfg_cls)]
     # --debug after the command too (`repa-pipe train ... --debug`), as users type it
     params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--debug", help="Show the full traceback of an error instead of one line.", metavar="")))
+    params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
     def run(**kwargs: Any) -> None:
-        if kwargs.pop("debug"):
-            _state["debug"] = True
+        ctx = kwargs.pop("ctx")
+        debug = kwargs.pop("debug") or _debug(ctx)
 
         def go() -> None:
             values = prepare(kwargs) if prepare else kwargs
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-            cfg = cfg_cls(**values)
-            module, fn = stage.split(":")
-            getattr(importlib.import_module(module), fn)(cfg)
+            stage(cfg_cls(**values))
             _leave_process_group()
-        _call(go)
+        _call(go, debug)
 
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run.__annotations__ = {p.name: p.annotation for p in params}
@@ -222,25 +225,72 @@ def _encoders(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "encoder": () if names == ("none",) else names}
 
 
-command(app, "encode-latents", EncodeLatentsConfig, "repa_pipe.stages.encode_latents:run",
+# ------------------------------------------------------------------------------------------------ stages
+# Each imports its stage when its command runs: `import repa_pipe.cli` loads no torch (tests/test_layout.py).
+def _encode_latents(cfg: EncodeLatentsConfig) -> None:
+    from repa_pipe.stages import encode_latents
+    encode_latents.run(cfg)
+
+
+def _encode_features(cfg: EncodeFeaturesConfig) -> None:
+    from repa_pipe.stages import encode_features
+    encode_features.run(cfg)
+
+
+def _cache_info(cfg: CacheInfoConfig) -> None:
+    from repa_pipe.stages import cache
+    cache.info(cfg)
+
+
+def _cache_verify(cfg: CacheVerifyConfig) -> None:
+    from repa_pipe.stages import cache
+    cache.verify(cfg)
+
+
+def _train(cfg: TrainConfig) -> None:
+    from repa_pipe.stages import train
+    train.run(cfg)
+
+
+def _sample_eval(cfg: SampleEvalConfig) -> None:
+    from repa_pipe.stages import sample_eval
+    sample_eval.run(cfg)
+
+
+def _analyze(cfg: AnalyzeConfig) -> None:
+    from repa_pipe.stages import analyze
+    analyze.run(cfg)
+
+
+def _export(cfg: ExportConfig) -> None:
+    from repa_pipe.stages import export
+    export.run(cfg)
+
+
+def _demo(cfg: DemoConfig) -> None:
+    from repa_pipe.stages import demo
+    demo.run(cfg)
+
+
+command(app, "encode-latents", EncodeLatentsConfig, _encode_latents,
         "Encode images into VAE posterior moments (mean, std) in the cache.")
-command(app, "encode-features", EncodeFeaturesConfig, "repa_pipe.stages.encode_features:run",
+command(app, "encode-features", EncodeFeaturesConfig, _encode_features,
         "Encode images into pretrained-encoder patch tokens in the cache.")
-command(cache_app, "info", CacheInfoConfig, "repa_pipe.stages.cache:info",
+command(cache_app, "info", CacheInfoConfig, _cache_info,
         "Show a cache's arrays, shapes, dtypes, bytes, progress and provenance.")
-command(cache_app, "verify", CacheVerifyConfig, "repa_pipe.stages.cache:verify",
+command(cache_app, "verify", CacheVerifyConfig, _cache_verify,
         "Check that the cache is exactly what was written: index hashes, array metadata, every done shard, every "
         "valid row's checksum, no NaN or Inf.")
-command(app, "train", TrainConfig, "repa_pipe.stages.train:run",
+command(app, "train", TrainConfig, _train,
         "Train SiT with REPA from the cache alone (never runs an encoder or the VAE encoder).", prepare=_encoders)
-command(app, "sample-eval", SampleEvalConfig, "repa_pipe.stages.sample_eval:run",
+command(app, "sample-eval", SampleEvalConfig, _sample_eval,
         "Sample from a trained model (SDE/ODE, guidance interval) and evaluate under the ADM protocol.")
-command(app, "analyze", AnalyzeConfig, "repa_pipe.stages.analyze:run",
+command(app, "analyze", AnalyzeConfig, _analyze,
         "The paper's representation analysis of a run: CKNNA with the cached encoder features and linear-probe "
         "accuracy, per block and noise level.")
-command(app, "export", ExportConfig, "repa_pipe.stages.export:run",
+command(app, "export", ExportConfig, _export,
         "Write a run's EMA weights as safetensors (with the model config in its metadata).")
-command(app, "demo", DemoConfig, "repa_pipe.stages.demo:run",
+command(app, "demo", DemoConfig, _demo,
         "Run the whole pipeline on scikit-learn's digits on a CPU.")
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "repa_pipe"
-BASE = {"pipeline": set(), "cache": {"pipeline"}, "models": {"pipeline"}, "metrics": {"pipeline"}}
+BASE = {"pipeline": set(), "cache": {"pipeline"}, "models": {"pipeline"}, "metrics": {"pipeline"},
+        "run": {"pipeline", "cache", "models"}}
 MIDDLE = {"encoding", "training", "sampling", "demo", "analysis"}
 ALLOWED = {
     **BASE,
-    **{m: {"pipeline", "cache", "models", "metrics"} for m in MIDDLE},
-    "stages": {"pipeline", "cache", "models", "metrics", *MIDDLE},
+    **{m: {"pipeline", "cache", "models", "metrics", "run"} for m in MIDDLE},
+    "stages": {"pipeline", "cache", "models", "metrics", "run", *MIDDLE},
     "cli": {"pipeline", "cache", "stages", *MIDDLE},
 }
 

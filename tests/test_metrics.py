@@ -14,14 +14,15 @@ import torch
 from scipy import linalg
 
 import repa_pipe.metrics.fd as fd_mod
-from repa_pipe.metrics import (FrechetDistanceError, ReferenceStats, cknna, compute_stats, dinov2_preprocess,
-                               evaluate, fd_dinov2_features, frechet_distance, inception_score,
-                               inception_score_from_probs, iter_batches, iter_npz_images, load_inception,
-                               load_sample_npz, make_random_inception_weights, manifold_radii, precision_recall,
-                               spatial_from_mixed6, split_bounds)
-from repa_pipe.metrics.cknna import hsic_unbiased
-from repa_pipe.metrics.npz_io import npz_image_count
-from repa_pipe.metrics.precision_recall import distance_block
+from repa_pipe.metrics.cknna import cknna, hsic_unbiased
+from repa_pipe.metrics.dinov2 import dinov2_preprocess, fd_dinov2_features
+from repa_pipe.metrics.evaluate import evaluate
+from repa_pipe.metrics.fd import FrechetDistanceError, compute_stats, frechet_distance
+from repa_pipe.metrics.inception import load_inception, make_random_inception_weights, spatial_from_mixed6
+from repa_pipe.metrics.inception_score import inception_score, inception_score_from_probs, split_bounds
+from repa_pipe.metrics.npz_io import iter_batches, iter_npz_images, load_sample_npz, npz_image_count
+from repa_pipe.metrics.precision_recall import distance_block, manifold_radii, precision_recall
+from repa_pipe.metrics.reference import ReferenceStats
 from repa_pipe.pipeline.errors import BadInputError, ConfigError, MissingWeightsError
 
 N_SAMPLE, N_REF, N_ADM_REF = 12, 10, 4

@@ -25,23 +25,25 @@ import torch
 
 from fixtures import VENV_BIN, invoke, make_imagefolder, ok, subprocess_env
 from repa_pipe.cache import writer
-from repa_pipe.cache.manifest import latents_spec, training_view
+from repa_pipe.cache.manifest import latents_spec, read_manifest, training_view
 from repa_pipe.cache.sources import open_source
 from repa_pipe.metrics.evaluate import evaluate
 from repa_pipe.metrics.inception import make_random_inception_weights
 from repa_pipe.metrics.reference import ReferenceStats
 from repa_pipe.models.latent_codecs import load_codec
 from repa_pipe.models.sit import build_sit
-from repa_pipe.pipeline import checkpoint, images, runs
+from repa_pipe.pipeline import checkpoint, images
 from repa_pipe.pipeline.config import to_dict
 from repa_pipe.pipeline.errors import ConfigError
+from repa_pipe.run.checkpoint import Checkpoint, TrainingState, save
+from repa_pipe.run.record import CacheIdentity, new_record, write_record
 from repa_pipe.sampling import evaluation
 from repa_pipe.sampling import sampler as sampler_mod
+from repa_pipe.sampling import session as sampling_session
 from repa_pipe.sampling.config import ExportConfig, SampleEvalConfig
 from repa_pipe.sampling.decode import make_decoder
 from repa_pipe.stages import export, sample_eval
 from repa_pipe.training.config import TrainConfig
-from repa_pipe.training.state import CKPT_FORMAT
 
 NUM_CLASSES = 10
 N = 12          # samples per run
@@ -111,10 +113,11 @@ def setup(tmp_path_factory) -> Setup:
                       encoder_depth=1, projector_dim=16, precision="fp32", steps=10)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ckpt = checkpoint.ckpt_path(run, 10)
-    checkpoint.save(ckpt, {"format": CKPT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
-                           "opt": opt.state_dict(), "scaler": {}, "step": 10, "rng": {"torch": torch.get_rng_state()},
-                           "sampler": {"seed": 0, "step": 10}, "config": to_dict(cfg), "cache_spec": view.to_json()})
-    runs.write_record(run, runs.new_record(run, to_dict(cfg), cache, view.to_json(), "test"))
+    identity = CacheIdentity.of(read_manifest(cache))
+    save(ckpt, Checkpoint(ckpt, "checkpoint", ema.state_dict(), 10, to_dict(cfg), {}, view, identity,
+                          TrainingState(model.state_dict(), opt.state_dict(), {}, {"torch": torch.get_rng_state()})),
+         seed=0)
+    write_record(run, new_record(run, to_dict(cfg), {}, cache, view, identity, "test"))
     return Setup(root, cache, run, ckpt, ema.state_dict(), model.state_dict())
 
 
@@ -479,7 +482,7 @@ def test_metrics_inputs_are_checked_before_any_sample_is_drawn(setup, inception,
     def no_sampling(*a, **k):
         raise AssertionError("sampling started")
 
-    monkeypatch.setattr(sample_eval, "run_sampling", no_sampling)
+    monkeypatch.setattr(sampling_session, "run_sampling", no_sampling)
     cases = [(["--inception-weights", tmp_path / "nope.pth"], "nope.pth does not exist"),
              (["--inception-weights", inception, "--ref-stats", tmp_path / "ref.npz"],
               f"--ref-stats {tmp_path / 'ref.npz'}: no such file")]
@@ -489,7 +492,7 @@ def test_metrics_inputs_are_checked_before_any_sample_is_drawn(setup, inception,
         assert not (tmp_path / "o").exists()
     # the cache's source images moved away and no statistics are stored: say so now, name --ref-stats
     gone = tmp_path / "gone"
-    monkeypatch.setattr(sample_eval, "reference_source",
+    monkeypatch.setattr(sampling_session, "reference_source",
                         lambda cfg, loaded: evaluation.ReferenceSource(tmp_path / "stats", str(gone), 32))
     line = error_line(invoke(cli_args(setup, tmp_path / "o", "--inception-weights", inception)))
     assert f"source images {gone} are gone" in line and "--ref-stats" in line, line
@@ -509,7 +512,7 @@ BAD_NPZ = {
 def test_bad_sample_npz_rejected_before_any_model_loads(setup, tmp_path, monkeypatch, inception_given):
     loaded = []
     monkeypatch.setattr(evaluation, "load_inception", lambda *a, **k: loaded.append("inception"))
-    monkeypatch.setattr(sample_eval, "load_for_sampling", lambda *a, **k: loaded.append("sit"))
+    monkeypatch.setattr(sampling_session, "load_model", lambda *a, **k: loaded.append("sit"))
     weights = ["--inception-weights", tmp_path / "weights.pth"] if inception_given else []
     for name, (arr, pattern) in BAD_NPZ.items():
         np.savez(tmp_path / f"{name}.npz", arr_0=arr)

@@ -318,11 +318,16 @@ def test_checkpoint_contents(overfit_run):
     assert all(p.name.endswith(".pt") and not p.name.startswith(".")
                for p in (overfit_run / "checkpoints").iterdir())  # no temp files left behind
     ck = torch.load(checkpoint.ckpt_path(overfit_run, 150), weights_only=True)
-    assert {"model", "ema", "opt", "scaler", "step", "rng", "sampler", "config", "cache_spec"} <= ck.keys()
+    assert {"format", "model", "ema", "opt", "scaler", "step", "rng", "sampler", "config", "resolved", "cache_spec",
+            "cache_identity"} <= ck.keys()
+    assert ck["format"] == "repa-pipe-train/2"
     assert ck["step"] == 150 and ck["sampler"] == {"seed": 0, "step": 150}
     assert isinstance(ck["rng"]["torch"], torch.Tensor) and ck["rng"]["torch"].dtype == torch.uint8
-    cfg = ck["config"]
-    assert cfg["latents"] == "pixel" and cfg["encoder"] == ["dinov2-b"] and cfg["model"] == "SiT-T/2"
+    cfg = ck["config"]  # as typed: --latents not given; the cache's only latents array, resolved apart
+    assert cfg["latents"] is None and ck["resolved"]["latents"] == {"value": "pixel",
+                                                                      "why": "the cache's only latents array"}
+    assert cfg["encoder"] == ["dinov2-b"] and cfg["model"] == "SiT-T/2" and cfg["encoder_depth"] == 2
+    assert "encoder_depth" not in ck["resolved"]  # typed
     assert cfg["steps"] == 150 and cfg["projector_dim"] == 64
     assert ck["cache_spec"]["feature_dims"] == [32] and ck["cache_spec"]["latent_channels"] == 3
     assert ck["opt"]["state"] and "pos_embed" in ck["ema"]

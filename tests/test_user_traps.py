@@ -29,14 +29,15 @@ import torch
 import typer.main
 
 from fixtures import VENV_BIN, invoke, make_imagefolder, ok, strip_times, subprocess_env, tree, tree_stat
-from repa_pipe.cache.manifest import Provenance, is_cache
+from repa_pipe.cache.manifest import Provenance
 from repa_pipe.cli import FLOW, app
 from repa_pipe.models.registry import SIT_PRESETS, sampling_decoder
-from repa_pipe.pipeline import checkpoint, progress, runs
+from repa_pipe.pipeline import checkpoint, progress
 from repa_pipe.sampling import sampler as sampler_mod
+from repa_pipe.sampling import session as sampling_session
 from repa_pipe.sampling.decode import choose_decoder
-from repa_pipe.stages import sample_eval
-from repa_pipe.training.config import TrainConfig
+from repa_pipe.run.record import locate_cache, read_record
+from repa_pipe.training.config import TrainConfig, encoder_depth_for
 from train_fixtures import SD_SCALE, CacheOpts, Latents, assert_states_equal, make_cache
 
 TINY_ARGS = ["--model", "SiT-T/2", "--encoder-depth", "2", "--projector-dim", "64", "--global-batch-size", "8",
@@ -194,7 +195,7 @@ def test_1_run_folder_is_self_contained_and_portable(tmp_path, monkeypatch):
     arr, labels = load_npz(tmp_path / "before" / "samples.npz")
     assert moved_arr.shape == (4, 8, 8, 3) and np.array_equal(moved_arr, arr) and np.array_equal(moved_labels, labels)
     # its cache is found where it moved with the run (for reference statistics)
-    assert runs.locate_cache(new / "run", runs.read_record(new / "run"), None, is_cache) == new / "run" / "../cache"
+    assert locate_cache(new / "run", read_record(new / "run"), None) == new / "run" / "../cache"
 
     # the cache moves on alone: metrics (which read it) say so before sampling, naming --cache
     monkeypatch.chdir(elsewhere)
@@ -264,12 +265,15 @@ def test_3_encoder_depth_defaults_to_the_presets_and_a_bad_one_is_one_line(cache
     i = args.index("--encoder-depth")
     del args[i:i + 2]
     ok(args)
-    assert record(run)["config"]["encoder_depth"] == 2 and ckpt(run, 1)["config"]["encoder_depth"] == 2
+    # saved as typed (not given), with the derived value and why apart
+    for saved in (record(run), ckpt(run, 1)):
+        assert saved["config"]["encoder_depth"] is None
+        assert saved["resolved"]["encoder_depth"]["value"] == 2 and "SiT-T/2" in saved["resolved"]["encoder_depth"]["why"]
     # the paper's 8 for L and XL, 4 for B; a third of the blocks for S (12); 2 of 4 for the tiny test preset
     want = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}
     for name in SIT_PRESETS:
         size = name[4:].split("/")[0]
-        assert TrainConfig(cache=cache, run_dir=run, model=name).align_depth == want[size], name
+        assert encoder_depth_for(TrainConfig(cache=cache, run_dir=run, model=name)) == want[size], name
     for model, depth, blocks in (("SiT-T/2", 5, 4), ("SiT-B/2", 13, 12)):
         bad = tmp_path / f"bad{depth}"
         line = error_line(invoke(["train", "--cache", cache, "--run-dir", bad, "--model", model,
@@ -674,7 +678,7 @@ def test_9_sample_eval_decodes_ft_mse_latents_with_ft_ema(tmp_path, monkeypatch)
         built.append((name, weights))
         return lambda z: torch.full((z.shape[0], 64, 64, 3), 128, dtype=torch.uint8)
 
-    monkeypatch.setattr(sample_eval, "make_decoder", fake_decoder)
+    monkeypatch.setattr(sampling_session, "make_decoder", fake_decoder)
     ok(["sample-eval", "--run-dir", run, "--out", tmp_path / "out", *SAMPLE_ARGS])
     ok(["sample-eval", "--run-dir", run, "--out", tmp_path / "out2", *SAMPLE_ARGS, "--vae", "sd-vae-ft-mse"])
     assert built == [("sd-vae-ft-ema", None), ("sd-vae-ft-mse", None)]

@@ -50,12 +50,13 @@ class CacheOpts:
     unfinished: tuple[str, ...] = ()                  # array names left with their last shard not done
     nan_latents: bool = False                         # every moment NaN (a non-finite loss from step 1)
     seed: int = 0
+    file_list_sha256: str = "f" * 64                  # the identity of the image list (another: another cache)
     extra: dict = field(default_factory=dict)
 
 
 def _dataset(o: CacheOpts) -> Dataset:
     return Dataset(kind="imagefolder", root="/synthetic", n=o.n, num_classes=o.num_classes,
-                   file_list_sha256="f" * 64, labels_sha256=sha256_int64(np.arange(o.n) % o.num_classes))
+                   file_list_sha256=o.file_list_sha256, labels_sha256=sha256_int64(np.arange(o.n) % o.num_classes))
 
 
 def latents_spec_of(lat: Latents, n: int) -> ArraySpec:

@@ -3,7 +3,8 @@
 - `cache_lock(root)`: an exclusive flock on CACHE/.lock around every read-modify-write of the manifest, so
   one writer's update never overwrites another's.
 - `ArrayLock(root, name)`: held for a whole encode job by its rank 0, so two jobs never write one array;
-  the second is refused with a message naming the holder (host, pid, command, start time).
+  the second is refused with a message naming the holder (host, pid, command, start time). `HolderLock` is that
+  lock on any file (a training run folder holds one too).
 
 flock locks are released by the kernel when their holder dies (even by SIGKILL), so a crash leaves no stale
 lock. They work on local filesystems and on NFS (Linux emulates them with POSIX locks there); on Lustre the
@@ -19,7 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.pipeline.errors import CacheBusyError
@@ -56,15 +57,16 @@ def _holder() -> dict:
             time.gmtime()), "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
 
 
-class ArrayLock:
-    """Exclusive, non-blocking lock on writing one array; `acquire` raises CacheBusyError naming the holder."""
+class HolderLock:
+    """Exclusive, non-blocking flock on `path` whose file names its holder; `acquire` raises the error `busy(holder)`
+    returns when another process holds it."""
 
-    def __init__(self, root: Path, name: str):
-        self.path = CachePaths(Path(root)).array_lock(name)
-        self.name = name
+    def __init__(self, path: Path, busy: Callable[[str], Exception]):
+        self.path = Path(path)
+        self._busy = busy
         self._fd: Optional[int] = None
 
-    def acquire(self) -> "ArrayLock":
+    def acquire(self) -> "HolderLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -72,9 +74,7 @@ class ArrayLock:
         except BlockingIOError:
             holder = self._read_holder(fd)
             os.close(fd)
-            raise CacheBusyError(
-                f"{self.path.parents[1]}: {self.name} is being written by another job ({holder}); wait for it to "
-                "finish, or stop it and run this command again to resume") from None
+            raise self._busy(holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
         self._fd = fd
@@ -93,8 +93,20 @@ class ArrayLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "ArrayLock":
+    def __enter__(self) -> "HolderLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ArrayLock(HolderLock):
+    """Held while one job writes one array of the cache: a second job is refused with CacheBusyError naming the
+    holder."""
+
+    def __init__(self, root: Path, name: str):
+        path = CachePaths(Path(root)).array_lock(name)
+        super().__init__(path, lambda holder: CacheBusyError(
+            f"{path.parents[1]}: {name} is being written by another job ({holder}); wait for it to finish, or stop "
+            "it and run this command again to resume"))
+        self.name = name

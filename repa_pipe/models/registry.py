@@ -13,11 +13,11 @@ class SiTPreset:
     hidden_size: int
     num_heads: int
     patch_size: int
-    align_depth: int               # default --encoder-depth: the block whose output REPA aligns (1-indexed)
+    encoder_depth: int             # default --encoder-depth: the block whose output REPA aligns (1-indexed)
 
 
-# name: (depth, hidden, heads, align depth). Align depths: the paper's 8 for L and XL, 4 for B (the author's
-# choice, issue #5); a third of the blocks for the sizes the paper did not train.
+# name: (depth, hidden, heads, encoder depth). Encoder depths: the paper's 8 for L and XL, 4 for B (the author's
+# choice, github.com/sihyun-yu/REPA issue #5); a third of the blocks for the sizes the paper did not train.
 _SIZES = {
     "T": (4, 64, 4, 2),  # tiny: CPU tests, not in the reference
     "S": (12, 384, 6, 4),
@@ -28,6 +28,8 @@ _SIZES = {
 SIT_PRESETS: dict[str, SiTPreset] = {
     f"SiT-{size}/{p}": SiTPreset(d, h, n, p, a) for size, (d, h, n, a) in _SIZES.items() for p in (1, 2, 4, 8)
 }
+# --help lists the 20 presets as one pattern, which reads better than the list
+SIT_PRESETS_TEXT = f"SiT-{{{','.join(_SIZES)}}}/{{1,2,4,8}}"
 PATHS = ("linear", "cosine")                # interpolant paths
 TIME_SAMPLERS = ("uniform", "lognormal")    # training time distributions
 ALIGN_LOSSES = ("cosine", "ntxent")         # REPA alignment losses

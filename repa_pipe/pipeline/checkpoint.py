@@ -1,6 +1,9 @@
-"""Training checkpoints: written atomically, read with `weights_only=True`.
+"""Checkpoint files: written atomically, read with `weights_only=True` and memory-mapped.
 
 A checkpoint is a dict of tensors and plain Python values (no pickled objects), so loading it never runs code.
+It is written in torch's zip format (torch.save's default), which lets `load` map it instead of reading it: the
+ranks of one machine then share the file's pages in the page cache rather than each holding a private copy
+(https://pytorch.org/docs/stable/generated/torch.load.html, `mmap`). What the dict holds is run/checkpoint.py's.
 A full disk is one clear error (checked before writing, and recognised if it happens anyway), and the temp
 files of a save that was killed are removed by the next start.
 """
@@ -14,7 +17,7 @@ from typing import Any
 
 import torch
 
-from repa_pipe.pipeline.errors import CheckpointError, ConfigError
+from repa_pipe.pipeline.errors import CheckpointError
 from repa_pipe.pipeline.fileio import atomic_write
 
 _NAME = re.compile(r"^(\d{7,})\.pt$")
@@ -82,7 +85,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: no space left for the checkpoint (about {_gb(need)} needed, {_gb(free)} "
                               "free); free some space (or use --keep-ckpts) and run the same command to resume")
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f))  # zip format (the default): `load` can map it
     except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(path.parent).free
         code = _no_space(e)
@@ -97,14 +100,22 @@ def save(path: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: cannot write the checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path) -> Any:
+    """The file's object, its tensors memory-mapped on the CPU (copied only where a caller moves or writes them).
+
+    Files in torch's legacy (pre-zip) format cannot be mapped; they are read whole."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except RuntimeError as e:
+            if "zipfile" not in str(e) and "mmap" not in str(e):
+                raise
+            return torch.load(path, weights_only=True, map_location="cpu")  # a legacy-format file
     except Exception as e:  # a foreign or corrupt file: say which file, not a pickle traceback
-        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
 def prune(run: Path, keep: int) -> None:

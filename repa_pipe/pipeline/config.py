@@ -16,12 +16,15 @@ from repa_pipe.pipeline.errors import ConfigError
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, metavar: str | None = None,
-           choices: Iterable[Any] | None = None, argument: bool = False) -> Any:
+           choices: Iterable[Any] | None = None, choices_text: str | None = None, argument: bool = False) -> Any:
     """A config field that is also a command-line option (`argument=True`: a positional argument).
 
-    `choices` (from a registry) are checked by `check_choices` and listed in --help."""
-    meta = {"help": help, "metavar": metavar, "argument": argument,
-            "choices": tuple(choices) if choices is not None else None}
+    `choices` (from a registry) are checked by `check_choices` and listed in --help, as `choices_text` says when
+    given (e.g. a pattern for a long list), else one by one."""
+    choices = tuple(choices) if choices is not None else None
+    if choices_text is None and choices is not None:
+        choices_text = ", ".join(map(str, choices))
+    meta = {"help": help, "metavar": metavar, "argument": argument, "choices": choices, "choices_text": choices_text}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults: use a tuple")
     return dataclasses.field(default=default, metadata=meta)

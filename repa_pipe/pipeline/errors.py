@@ -42,3 +42,7 @@ class CorruptDataError(RepaError):
 
 class CheckpointError(RepaError):
     """A checkpoint cannot be written or read (no space left, unreadable file)."""
+
+
+class RunBusyError(RepaError):
+    """Another `train` holds the lock of the run folder; the message names it."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -10,6 +11,9 @@ from PIL import Image, ImageDraw
 
 from repa_pipe.pipeline import metrics_log
 from repa_pipe.pipeline.fileio import atomic_write
+
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # (N, C, h, w) model-space latents -> (N, H, W, 3) uint8
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ def sample_seed(seed: int, i: int) -> int:
 
 def preview_seeds(seed: int, n: int) -> list[int]:
     """Seeds of the n fixed noises of the training preview grids (the same grid at every preview)."""
-    return [seed * 100_003 + i for i in range(n)]
+    return [(seed * 100_003 + i) % 2 ** 64 for i in range(n)]  # torch generators take 64-bit seeds
 
 
 def order_rng(seed: int, epoch: int) -> np.random.Generator:

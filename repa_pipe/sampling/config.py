@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from repa_pipe.models.registry import CODEC_NAMES, SIT_PRESETS
+from repa_pipe.models.registry import CODEC_NAMES, SIT_PRESETS, SIT_PRESETS_TEXT
 from repa_pipe.pipeline.config import check_at_least, check_choices, option
 from repa_pipe.pipeline.errors import ConfigError, MissingWeightsError
 from repa_pipe.pipeline.precision import NAMES_NO_FP16 as PRECISION_NAMES
@@ -34,7 +34,7 @@ class SampleEvalConfig:
                                        "or the reference implementation's last.pt. Default: the run's newest.",
                                  metavar="STEP|FILE")
     model: Optional[str] = option(None, "SiT preset; needed for the reference checkpoint (SiT-XL/2).",
-                                  metavar="NAME", choices=SIT_PRESETS)
+                                  metavar="NAME", choices=SIT_PRESETS, choices_text=SIT_PRESETS_TEXT)
     num_samples: int = option(50_000, "Samples to draw (the ADM protocol uses 50,000).", metavar="N")
     mode: str = option("sde", "Sampler: sde (Euler-Maruyama, grid ending at t=0.04) or ode (Euler/Heun).",
                        metavar="MODE", choices=("sde", "ode"))

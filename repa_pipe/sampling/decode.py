@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from repa_pipe.cache.manifest import Provenance
 from repa_pipe.models.registry import sampling_decoder
 from repa_pipe.models.vae_decoder import load_vae_decoder
-from repa_pipe.pipeline.images import to_uint8
-
-Decoder = Callable[[torch.Tensor], torch.Tensor]  # (N, C, h, w) model-space latents -> (N, H, W, 3) uint8
+from repa_pipe.pipeline.images import Decoder, to_uint8
 
 
 def choose_decoder(codec: Provenance, vae: Optional[str], vae_weights: Optional[str],

@@ -1,83 +1,15 @@
 """`repa-pipe analyze RUN`: the paper's representation analysis of a run's EMA model against the cached encoder
-features (CKNNA and linear probes per block and noise level; see analysis/alignment.py for the protocol).
-
-Reads only the run and its cache, like training: no image, no encoder, no VAE. Writes RUN/analysis/<step>.json and
-<step>.png and prints the table.
+features (analysis/session.py). Writes RUN/analysis/<step>.json and <step>.png and prints the table.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
-import numpy as np
-
 from repa_pipe.analysis import report
-from repa_pipe.analysis.alignment import analyze_model
-from repa_pipe.analysis.config import AnalyzeConfig, parse_times
-from repa_pipe.cache.manifest import Manifest, TrainingView, is_cache, read_manifest
-from repa_pipe.cache.reader import CacheReader, check_ready
-from repa_pipe.pipeline import dist, runs
-from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
+from repa_pipe.analysis.config import AnalyzeConfig
+from repa_pipe.analysis.session import analyze_run
 from repa_pipe.pipeline.progress import console, log
-from repa_pipe.sampling.weights import load_for_sampling
-
-
-def choose_features(asked: Optional[str], view: TrainingView, m: Manifest) -> str:
-    """--encoder, else the run's first aligned encoder, else the cache's only features array."""
-    if asked:
-        name = f"features/{asked}"
-        m.array(name, "--encoder")
-        return name
-    if view.features:
-        return view.features[0]
-    names = m.names("features")
-    if len(names) != 1:
-        raise ConfigError(f"this run aligned no encoder and the cache has {len(names)} features arrays "
-                          f"({', '.join(names) or 'none'}); pass --encoder")
-    return names[0]
-
-
-def subset(valid: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """n of the usable rows, a seeded random choice, in row order (all of them when there are fewer)."""
-    if len(valid) <= n:
-        return valid
-    return np.sort(np.random.default_rng(seed).choice(valid, size=n, replace=False))
 
 
 def run(cfg: AnalyzeConfig) -> None:
-    times = parse_times(cfg.times)
-    run_dir = Path(cfg.run_dir)
-    record = runs.read_record(run_dir)
-    if record is None:
-        raise ConfigError(f"{run_dir}: not a training run (no {runs.RECORD}); pass the --run-dir of `repa-pipe "
-                          "train`")
-    device = dist.device()
-    loaded = load_for_sampling(run_dir, cfg.ckpt, None, device)
-    view = TrainingView.from_json(loaded.view or record.view)
-    cache = runs.locate_cache(run_dir, record, cfg.cache, is_cache)
-    m = read_manifest(cache)
-    features = choose_features(cfg.encoder, view, m)
-    try:
-        check_ready(cache, m, [view.latents, features])
-        lat = m.array(view.latents).spec
-    except CacheMismatchError as e:
-        raise CacheMismatchError(f"{cache}: {e}") from None
-    if lat.row_shape[1:] != tuple(loaded.model.input_size):
-        raise CacheMismatchError(f"{cache}: {view.latents} is {lat.row_shape[1:]}, the model takes "
-                                 f"{tuple(loaded.model.input_size)}: not this run's cache (--cache)")
-    reader = CacheReader(cache, [view.latents, features], threads=4)
-    try:
-        rows = subset(reader.valid_indices(), cfg.num_samples, cfg.seed)
-        tc = loaded.train_config
-        log(f"analyze: {loaded.kind} {loaded.source} (step {loaded.step}), {len(rows)} rows of {cache}, "
-            f"{features}, t in {list(times)}")
-        a = analyze_model(loaded.model, reader, view.latents, features, rows, scaling_factor=view.scaling_factor,
-                          path=tc.get("path", "linear"), times=times, topk=cfg.topk, holdout=cfg.probe_holdout,
-                          batch_size=cfg.batch_size, precision=cfg.precision, seed=cfg.seed, device=device,
-                          aligned_block=loaded.model.encoder_depth if loaded.model.z_dims else None)
-    finally:
-        reader.close()
-    a.meta.update(step=loaded.step, checkpoint=loaded.source)
-    report.render_table(a, console)
-    js, png = report.save(a, run_dir / "analysis", f"step{loaded.step or 0:07d}")
-    log(f"wrote {js} and {png}")
+    done = analyze_run(cfg)
+    report.render_table(done.analysis, console)
+    log(f"wrote {done.json} and {done.png}")

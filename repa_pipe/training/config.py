@@ -1,26 +1,24 @@
-"""The options of `repa-pipe train`, and what may change when a run resumes (light: the CLI reads it)."""
+"""The options of `repa-pipe train` (light: the CLI reads it)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from repa_pipe.models.registry import ALIGN_LOSSES, ATTN_BACKENDS, ENCODERS, PATHS, SIT_PRESETS, TIME_SAMPLERS
+from repa_pipe.models.registry import (ALIGN_LOSSES, ATTN_BACKENDS, ENCODERS, PATHS, SIT_PRESETS, SIT_PRESETS_TEXT,
+                                      TIME_SAMPLERS)
 from repa_pipe.pipeline.config import check_at_least, check_choices, check_fraction, flag, option
 from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.precision import NAMES as PRECISION_NAMES
-
-# What a resumed run may not change: the model, its inputs and the stream of batches and draws it trains on.
-RESUME_FIXED = ("model", "encoder", "latents", "encoder_depth", "projector_dim", "global_batch_size", "seed",
-                "path", "weighting", "align_loss", "label_dropout")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
     cache: Path = option(help="Cache folder made by the encode stages.", metavar="DIR")
     run_dir: Path = option(help="Run folder (checkpoints, metrics.jsonl, samples). Running the same command "
                                 "again resumes from its newest checkpoint.", metavar="DIR")
-    model: str = option("SiT-XL/2", "SiT preset (SiT-T is tiny, for tests).", metavar="NAME", choices=SIT_PRESETS)
+    model: str = option("SiT-XL/2", "SiT preset (SiT-T is tiny, for tests).", metavar="NAME", choices=SIT_PRESETS,
+                        choices_text=SIT_PRESETS_TEXT)
     encoder: tuple[str, ...] = option(("dinov2-b",), "Encoder(s) whose cached features to align to; repeat or "
                                       "comma-separate for several; 'none' trains the SiT baseline.", metavar="NAME",
                                       choices=ENCODERS)
@@ -53,52 +51,43 @@ class TrainConfig:
     keep_ckpts: int = option(0, "Keep only the newest K checkpoints (0: all).", metavar="K")
     log_every: int = option(100, "Write metrics.jsonl and a progress line every N steps.", metavar="N")
     sample_every: int = option(10_000, "EMA preview grid every N steps (0: never).", metavar="N")
+    # the reference's preview sampler (github.com/sihyun-yu/REPA, train.py): Euler ODE, 50 steps, guidance 4
+    preview_samples: int = option(16, "Images in each EMA preview grid (fixed noises and labels).", metavar="N")
+    preview_steps: int = option(50, "Euler ODE steps of the EMA previews.", metavar="N")
+    preview_cfg_scale: float = option(4.0, "Classifier-free guidance scale of the EMA previews.", metavar="W")
     tensorboard: bool = option(False, "Also log to RUN/tensorboard (needs the tensorboard package).")
     attn_backend: str = option("sdpa", "Attention kernel (xformers needs the xformers package).",
                                metavar="NAME", choices=ATTN_BACKENDS)
     loader_threads: int = option(8, "Threads reading the cache (pread).", metavar="N")
+    allow_other_cache: bool = option(False, "Resume on a cache with other images or labels than the run trained on "
+                                            "(its identity is its file names and labels; recorded in the run's "
+                                            "history).")
 
     def __post_init__(self) -> None:
         check_choices(self)
         check_at_least(self, ("steps", "global_batch_size", "ckpt_every", "log_every", "projector_dim",
-                              "loader_threads", "micro_batch_size", "encoder_depth"), 1)
+                              "loader_threads", "micro_batch_size", "encoder_depth", "preview_samples",
+                              "preview_steps"), 1)
         check_at_least(self, ("sample_every", "keep_ckpts"), 0)
+        if not 0 <= self.seed < 2 ** 64:  # the seed derivation (pipeline/seeding.py) takes 64-bit seeds
+            raise ConfigError(f"--seed must be in [0, 2^64 - 1], got {self.seed}")
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        if self.proj_coeff < 0:
-            raise ConfigError(f"--proj-coeff must be >= 0, got {self.proj_coeff}")
+        if not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be finite, got {self.lr}")
+        if not (math.isfinite(self.proj_coeff) and self.proj_coeff >= 0):
+            raise ConfigError(f"--proj-coeff must be finite and >= 0, got {self.proj_coeff}")
+        if not (math.isfinite(self.preview_cfg_scale) and self.preview_cfg_scale >= 1):
+            raise ConfigError(f"--preview-cfg-scale must be finite and >= 1, got {self.preview_cfg_scale}")
         check_fraction(self, ("label_dropout", "ema_decay"))
         depth = SIT_PRESETS[self.model].depth
         if self.encoder and self.encoder_depth is not None and self.encoder_depth > depth:
             raise ConfigError(f"--encoder-depth {self.encoder_depth} must be in [1, {depth}]: {self.model} has "
                               f"{depth} blocks")
 
-    @property
-    def align_depth(self) -> int:
-        """--encoder-depth, or the preset's default."""
-        return self.encoder_depth or SIT_PRESETS[self.model].align_depth
 
 
-def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(rows per micro-batch, micro-batches per step) for this world size."""
-    if cfg.global_batch_size % world:
-        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is not divisible by {world} processes")
-    share = cfg.global_batch_size // world
-    micro = min(cfg.micro_batch_size or share, share)
-    if share % micro:
-        raise ConfigError(f"a rank's share {share} (--global-batch-size {cfg.global_batch_size} / {world} "
-                          f"processes) is not divisible by --micro-batch-size {micro}")
-    return micro, share // micro
-
-
-def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
-    """{option: [saved, now]} for every option that differs from the run being resumed; ConfigError naming
-    every fixed option that differs (see RESUME_FIXED)."""
-    fixed = [f"{flag(k)} {saved.get(k)!r} (now {now.get(k)!r})" for k in RESUME_FIXED if saved.get(k) != now.get(k)]
-    if fixed:
-        raise ConfigError(f"this run was trained with other settings: {', '.join(fixed)}; these cannot change on "
-                          "resume: use another --run-dir or the same options")
-    # --cache and --run-dir are locations spelled as typed (relative to the working folder), not settings: a run
-    # resumed from another folder or after a move changed neither (the record tracks the cache's location)
-    return {k: [saved.get(k), v] for k, v in now.items() if k not in ("cache", "run_dir") and saved.get(k) != v}
+def encoder_depth_for(cfg: TrainConfig) -> int:
+    """--encoder-depth, or the model's default (models/registry.py)."""
+    return cfg.encoder_depth or SIT_PRESETS[cfg.model].encoder_depth

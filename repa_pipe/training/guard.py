@@ -50,4 +50,5 @@ class NonFiniteGuard:
                 f"{resume}")
         raise NonFiniteLossError(
             f"non-finite loss or gradient at step {step} (the cached inputs of that step are finite); stopped. "
-            f"{resume} (run the same command to resume from it; try --precision fp32 or a lower --lr)")
+            f"{resume} (run the same command to resume from it; try --precision fp32, a lower --lr or a lower "
+            "--proj-coeff)")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from repa_pipe.cache.manifest import TrainingView
-from repa_pipe.pipeline import checkpoint, dist
+from repa_pipe.pipeline import checkpoint as files
+from repa_pipe.pipeline import dist
+from repa_pipe.pipeline.errors import CheckpointError
 from repa_pipe.pipeline.signals import StopOnSignal, Stopped
+from repa_pipe.run.checkpoint import save
 from repa_pipe.training.config import TrainConfig
 from repa_pipe.training.guard import NonFiniteGuard
+from repa_pipe.training.setup import Plan
 from repa_pipe.training.state import State
 from repa_pipe.training.step import Runtime, forward_backward, optimizer_step
 from repa_pipe.training.stream import BatchStream
@@ -34,14 +37,16 @@ def due(cfg: TrainConfig, step: int) -> set[str]:
     return events
 
 
-def save_checkpoint(cfg: TrainConfig, view: TrainingView, state: State) -> Path:
-    path = checkpoint.ckpt_path(cfg.run_dir, state.step)
+def save_checkpoint(p: Plan, state: State) -> Path:
+    cfg = p.cfg
+    path = files.ckpt_path(cfg.run_dir, state.step)
     err = None
     if dist.is_main():
         try:
-            checkpoint.save(path, state.state_dict(cfg, view))  # atomic: temp file, fsync, rename
-            checkpoint.prune(cfg.run_dir, cfg.keep_ckpts)
-        except checkpoint.CheckpointError as e:
+            ck = state.checkpoint(p.typed, p.resolved, p.view, p.identity, path)
+            save(path, ck, cfg.seed)  # atomic: temp file, fsync, rename
+            files.prune(cfg.run_dir, cfg.keep_ckpts)
+        except CheckpointError as e:
             err = e
     err = dist.broadcast_object(err)  # every rank stops together when rank 0 cannot save
     if err is not None:
@@ -49,11 +54,11 @@ def save_checkpoint(cfg: TrainConfig, view: TrainingView, state: State) -> Path:
     return path
 
 
-def loop(cfg: TrainConfig, view: TrainingView, state: State, rt: Runtime, stream: BatchStream,
-         watch: Watcher) -> None:
+def loop(p: Plan, state: State, rt: Runtime, stream: BatchStream, watch: Watcher) -> None:
+    cfg, view = p.cfg, p.view
     state.model.train()
     guard = NonFiniteGuard(rt.device, check_grad=not state.scaler.is_enabled(), bad_rows=stream.nonfinite_rows)
-    last_good = checkpoint.latest(cfg.run_dir)
+    last_good = files.latest(cfg.run_dir)
     with StopOnSignal() as stop:
         while state.step < cfg.steps:
             batch = next(stream)
@@ -72,7 +77,7 @@ def loop(cfg: TrainConfig, view: TrainingView, state: State, rt: Runtime, stream
             if "sample" in events:
                 watch.preview(state.step)
             if "ckpt" in events:
-                last_good = save_checkpoint(cfg, view, state)
+                last_good = save_checkpoint(p, state)
             if stopping:
                 raise Stopped(f"saved step {state.step} to {last_good}; run the same command to resume",
                               stop.signum or signal.SIGTERM)

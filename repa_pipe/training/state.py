@@ -3,19 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from repa_pipe.cache.manifest import TrainingView
 from repa_pipe.models.registry import SIT_PRESETS
 from repa_pipe.models.sit import SiT, build_sit
-from repa_pipe.pipeline import checkpoint
-from repa_pipe.pipeline.config import to_dict
 from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
-from repa_pipe.training.config import TrainConfig
+from repa_pipe.run.checkpoint import Checkpoint, TrainingState
+from repa_pipe.run.record import CacheIdentity
+from repa_pipe.training.config import TrainConfig, encoder_depth_for
 
-CKPT_FORMAT = "repa-pipe-train/1"
 # Cache facts the model's shapes and the data stream depend on: a resumed run must see the same.
 VIEW_FIXED = ("latent_channels", "latent_size", "scaling_factor", "feature_dims", "feature_tokens", "num_classes",
               "n")
@@ -31,12 +30,13 @@ class State:
     scaler: torch.amp.GradScaler
     step: int = 0
 
-    def state_dict(self, cfg: TrainConfig, view: TrainingView) -> dict[str, Any]:
-        """Tensors and plain values only, so the file loads with torch.load(weights_only=True)."""
-        return {"format": CKPT_FORMAT, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "rng": rng_state(), "sampler": {"seed": cfg.seed, "step": self.step},
-                "config": to_dict(cfg), "cache_spec": view.to_json()}
+    def checkpoint(self, typed: dict[str, Any], resolved: dict[str, dict[str, Any]], view: TrainingView,
+                   identity: CacheIdentity, path: Path) -> Checkpoint:
+        """The checkpoint of this state, with the options as typed and what was derived from them (run/checkpoint.py
+        says how it is written)."""
+        return Checkpoint(path, "checkpoint", self.ema.state_dict(), self.step, typed, resolved, view,
+                          identity, TrainingState(self.model.state_dict(), self.opt.state_dict(),
+                                                  self.scaler.state_dict(), rng_state()))
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,7 +48,7 @@ def rng_state() -> dict[str, Any]:
     return out
 
 
-def build_model(cfg: TrainConfig, view: TrainingView) -> SiT:
+def build_model(cfg: TrainConfig, view: TrainingView, encoder_depth: int) -> SiT:
     """The SiT of `cfg.model` on the cache's latents, with one projector per aligned encoder."""
     patch = SIT_PRESETS[cfg.model].patch_size
     if view.latent_size % patch:
@@ -56,7 +56,7 @@ def build_model(cfg: TrainConfig, view: TrainingView) -> SiT:
                           f"{view.latent_size}x{view.latent_size}): pick another patch size, or a cache made at "
                           "another --resolution")
     model = build_sit(cfg.model, input_size=view.latent_size, in_channels=view.latent_channels,
-                      num_classes=view.num_classes, encoder_depth=cfg.align_depth, z_dims=view.feature_dims,
+                      num_classes=view.num_classes, encoder_depth=encoder_depth, z_dims=view.feature_dims,
                       projector_dim=cfg.projector_dim, attn_backend=cfg.attn_backend)
     check_model_fits(view, model.num_tokens, cfg.model)
     return model
@@ -73,10 +73,14 @@ def check_model_fits(view: TrainingView, model_tokens: int, model_desc: str) -> 
                 "or pick a model with another patch size")
 
 
-def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device) -> State:
+def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device,
+              encoder_depth: Optional[int] = None) -> State:
+    """A fresh state; `encoder_depth`: the aligned block as resolved (None: --encoder-depth or the model's
+    default)."""
+    depth = encoder_depth or encoder_depth_for(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, view).to(device)
-    ema = build_model(cfg, view).to(device)
+    model = build_model(cfg, view, depth).to(device)
+    ema = build_model(cfg, view, depth).to(device)
     ema.load_state_dict(model.state_dict())  # EMA starts as an exact copy (reference: update_ema(decay=0))
     ema.requires_grad_(False).eval()
     # Reference optimizer: AdamW(lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay); pos_embed is frozen.
@@ -86,34 +90,29 @@ def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device) -> Sta
     return State(model, ema, opt, scaler)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A training checkpoint (refusing any other file)."""
-    ck = checkpoint.load(path)
-    if ck.get("format") != CKPT_FORMAT:
-        raise ConfigError(f"{path}: not a repa-pipe training checkpoint; use another --run-dir")
-    return ck
-
-
-def check_view(ck: dict[str, Any], view: TrainingView, path: Path) -> None:
+def check_view(ck: Checkpoint, view: TrainingView) -> None:
     """The cache a run resumes on must have the facts its model and data stream were built on."""
-    saved, now = ck.get("cache_spec", {}), view.to_json()
+    if ck.view is None:
+        return
+    saved, now = ck.view.to_json(), view.to_json()
     diff = [f"cache {k} {saved.get(k)!r} (now {now[k]!r})" for k in VIEW_FIXED if k in saved and saved[k] != now[k]]
     if diff:
-        raise ConfigError(f"{path} was trained on another cache: {', '.join(diff)}; use another --run-dir or the "
-                          "run's own cache")
+        raise ConfigError(f"{ck.source} was trained on another cache: {', '.join(diff)}; use another --run-dir or "
+                          "the run's own cache")
 
 
-def load_into(state: State, ck: dict[str, Any], cfg: TrainConfig) -> None:
+def load_into(state: State, ck: Checkpoint, cfg: TrainConfig) -> None:
     """Restore `state` from checkpoint `ck`; the command's --lr applies from here on."""
-    state.model.load_state_dict(ck["model"])
-    state.ema.load_state_dict(ck["ema"])
-    state.opt.load_state_dict(ck["opt"])
+    t = ck.require_training("use another --run-dir")
+    state.model.load_state_dict(t.model)
+    state.ema.load_state_dict(ck.ema)
+    state.opt.load_state_dict(t.opt)
     for group in state.opt.param_groups:
         group["lr"] = cfg.lr
     # A disabled scaler (bf16/fp32) saves {}; loading that into an enabled one (switch to fp16) would fail.
-    if ck["scaler"] and state.scaler.is_enabled():
-        state.scaler.load_state_dict(ck["scaler"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    if "cuda" in ck["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ck["rng"]["cuda"])
-    state.step = int(ck["step"])
+    if t.scaler and state.scaler.is_enabled():
+        state.scaler.load_state_dict(t.scaler)
+    torch.set_rng_state(t.rng["torch"])
+    if "cuda" in t.rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t.rng["cuda"])
+    state.step = int(ck.step)
