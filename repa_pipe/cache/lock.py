@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.pipeline.errors import CacheBusyError
@@ -56,15 +56,16 @@ def _holder() -> dict:
             time.gmtime()), "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
 
 
-class ArrayLock:
-    """Exclusive, non-blocking lock on writing one array; `acquire` raises CacheBusyError naming the holder."""
+class HolderLock:
+    """Exclusive, non-blocking flock on `path` for a whole job; `acquire` raises `busy(holder)` when another job
+    holds it, naming that job (host, pid, start time, command)."""
 
-    def __init__(self, root: Path, name: str):
-        self.path = CachePaths(Path(root)).array_lock(name)
-        self.name = name
+    def __init__(self, path: Path, busy: Callable[[str], Exception]):
+        self.path = Path(path)
+        self._busy = busy
         self._fd: Optional[int] = None
 
-    def acquire(self) -> "ArrayLock":
+    def acquire(self) -> "HolderLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -72,9 +73,7 @@ class ArrayLock:
         except BlockingIOError:
             holder = self._read_holder(fd)
             os.close(fd)
-            raise CacheBusyError(
-                f"{self.path.parents[1]}: {self.name} is being written by another job ({holder}); wait for it to "
-                "finish, or stop it and run this command again to resume") from None
+            raise self._busy(holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
         self._fd = fd
@@ -93,8 +92,19 @@ class ArrayLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "ArrayLock":
+    def __enter__(self) -> "HolderLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ArrayLock(HolderLock):
+    """Held for a whole encode job by its rank 0: one job writes an array; CacheBusyError names the holder."""
+
+    def __init__(self, root: Path, name: str):
+        self.name = name
+        path = CachePaths(Path(root)).array_lock(name)
+        super().__init__(path, lambda holder: CacheBusyError(
+            f"{path.parents[1]}: {name} is being written by another job ({holder}); wait for it to finish, or stop "
+            "it and run this command again to resume"))

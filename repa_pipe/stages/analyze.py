@@ -18,6 +18,7 @@ from repa_pipe.cache.manifest import Manifest, TrainingView, is_cache, read_mani
 from repa_pipe.cache.reader import CacheReader, check_ready
 from repa_pipe.pipeline import dist, runs
 from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
+from repa_pipe.pipeline.precision import resolve
 from repa_pipe.pipeline.progress import console, log
 from repa_pipe.sampling.weights import load_for_sampling
 
@@ -73,7 +74,7 @@ def run(cfg: AnalyzeConfig) -> None:
             f"{features}, t in {list(times)}")
         a = analyze_model(loaded.model, reader, view.latents, features, rows, scaling_factor=view.scaling_factor,
                           path=tc.get("path", "linear"), times=times, topk=cfg.topk, holdout=cfg.probe_holdout,
-                          batch_size=cfg.batch_size, precision=cfg.precision, seed=cfg.seed, device=device,
+                          batch_size=cfg.batch_size, precision=resolve(cfg.precision, device, "analyze"), seed=cfg.seed, device=device,
                           aligned_block=loaded.model.encoder_depth if loaded.model.z_dims else None)
     finally:
         reader.close()
