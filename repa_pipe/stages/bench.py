@@ -52,7 +52,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         train = TrainConfig(cache=cache, run_dir=cache.parent / "bench-run", model=cfg.model, encoder=encoders,
                             global_batch_size=cfg.batch_size, steps=cfg.warmup + cfg.steps,
                             precision=cfg.precision, loader_threads=cfg.loader_threads)
-        for compiled in (False, True) if cfg.compile else (False,):
+        for compiled in [c for c, on in ((False, cfg.eager), (True, cfg.compile)) if on]:
             f = bench_train(dataclasses.replace(train, compile=compiled), view, device, cfg.steps, cfg.warmup, peak)
             hours = projected_train_hours(f, cfg.train_steps, cfg.global_batch_size, cfg.gpus)
             report["train"].append({**f.to_json(), "projected_hours": hours})

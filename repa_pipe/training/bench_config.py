@@ -26,7 +26,8 @@ class BenchConfig:
     steps: int = option(20, "Measured training steps (after --warmup).", metavar="N")
     warmup: int = option(5, "Training steps run before measuring (with --compile: the compilation).", metavar="N")
     precision: str = option("bf16", "Training autocast precision.", metavar="P", choices=NAMES)
-    compile: bool = option(False, "Also measure the torch.compile'd step (eager is always measured).")
+    compile: bool = option(False, "Also measure the torch.compile'd step.")
+    eager: bool = option(True, "Measure the eager step (--no-eager with --compile: the compiled step only).")
     sampling: bool = option(True, "Also measure sampling (sample-eval's sampler).")
     sample_batch_size: int = option(64, "Samples per sampler batch.", metavar="N")
     sample_precision: str = option("auto", "Sampling precision (auto: bf16 on CUDA, fp32 on a CPU).", metavar="P",
@@ -48,6 +49,8 @@ class BenchConfig:
                               "sample_measure_steps", "gpus", "train_steps", "global_batch_size", "num_samples",
                               "loader_threads"), 1)
         check_at_least(self, ("warmup",), 0)
+        if not (self.eager or self.compile):
+            raise ConfigError("--no-eager measures nothing without --compile")
         if self.sample_measure_steps > self.sample_steps:
             raise ConfigError(f"--sample-measure-steps {self.sample_measure_steps} exceeds --sample-steps "
                               f"{self.sample_steps}")
