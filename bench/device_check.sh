@@ -403,3 +403,6 @@ else
   part compile_b$B2 150 bench compile_b$B2 --batch-size $B2 --compile --no-eager --no-sampling
 fi
 say "done in $(( $(date +%s) - START ))s (budget ${BUDGET}s); results: $SUMMARY"
+if [ -n "${OUT:-}" ]; then  # the logs and bench JSON files come back with the device tool's $OUT
+  (cd "$WORK" && tar czf "$OUT/device_check_logs.tgz" *.log *.json *.txt 2>/dev/null)
+fi

@@ -131,6 +131,12 @@ def test_sample_eval_auto_is_fp32_on_cpu_and_bf16_on_cuda(tmp_path):
     assert Sampler(cfg, model, lambda z: z, CUDA).precision == "bf16"
     asked = dataclasses.replace(cfg, precision="fp32")
     assert Sampler(asked, model, lambda z: z, CUDA).precision == "fp32"
+    # shards already made in fp32 (before `auto`, or on a CPU): a resume with auto goes on in fp32
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "sampling.json").write_text('{"precision": "fp32"}')
+    assert Sampler(cfg, model, lambda z: z, CUDA).precision == "bf16"  # no shard yet: nothing to match
+    (tmp_path / "shards" / "000000.npz").write_bytes(b"")
+    assert Sampler(cfg, model, lambda z: z, CUDA).precision == "fp32"
 
 
 def test_encode_auto_keeps_an_array_in_the_precision_it_was_begun_in(tmp_path):

@@ -8,6 +8,7 @@ depends on, and a re-run with other settings is refused.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -40,9 +41,16 @@ class Sampler:
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    @property
+    @functools.cached_property
     def precision(self) -> str:
-        """What the model runs in here: --precision with `auto` resolved for this device."""
+        """What the model runs in: --precision, `auto` resolved as the shards already in --out were made (a resumed
+        run never mixes precisions, nor is refused for one made before `auto` or on another device), else for
+        this device."""
+        if self.cfg.precision == "auto":
+            path = Path(self.cfg.out) / "shards" / "sampling.json"
+            have = read_json(path) if path.is_file() else None
+            if have and have.get("precision") and any((Path(self.cfg.out) / "shards").glob("[0-9]*.npz")):
+                return have["precision"]
         return resolve(self.cfg.precision, self.device, "sample")
 
     def batch(self, idx: range, bar: Optional[Tracker] = None) -> tuple[np.ndarray, np.ndarray]:
