@@ -29,13 +29,14 @@ import torch  # noqa: E402
 
 from repa_pipe.models.samplers import PerSampleRandn, guided_steps, sample  # noqa: E402
 from repa_pipe.models.sit import build_sit, flops_per_sample  # noqa: E402
+from repa_pipe.pipeline import dist, hardware  # noqa: E402
 
 NUM_CLASSES = 1000
 CFG_SCALE = 1.8
 VARIANTS = {"interval [0, 0.7]": (0.0, 0.7), "every step [0, 1]": (0.0, 1.0)}
 
 
-def build_model(name: str, size: int, channels: int) -> torch.nn.Module:
+def build_model(name: str, size: int, channels: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     m = build_sit(name, input_size=size, in_channels=channels, num_classes=NUM_CLASSES, encoder_depth=1,
                   z_dims=[], projector_dim=16)
@@ -44,18 +45,20 @@ def build_model(name: str, size: int, channels: int) -> torch.nn.Module:
         for n, p in m.named_parameters():
             if n != "pos_embed":
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return m.eval().requires_grad_(False)
+    return m.eval().requires_grad_(False).to(device)
 
 
 def run_once(model, batch: int, steps: int, interval: tuple[float, float], channels: int, size: int):
     """One batch through the SDE sampler; (wall seconds, process CPU seconds, sampler stats)."""
-    randn = PerSampleRandn(range(batch))
+    device = next(model.parameters()).device
+    randn = PerSampleRandn(range(batch), device)
     z = randn((channels, size, size))  # (B, C, H, W)
     y = randn.randint(NUM_CLASSES)
     stats: dict = {}
     t0, c0 = time.perf_counter(), time.process_time()
     sample(model.forward_velocity, z, y, mode="sde", num_steps=steps, cfg_scale=CFG_SCALE,
            guidance_interval=interval, null_class=NUM_CLASSES, randn=randn, stats=stats)
+    hardware.synchronize(device)
     return time.perf_counter() - t0, time.process_time() - c0, stats
 
 
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="images per batch (default 8, 4 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, 1 with --quick)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: REPA_PIPE_DEVICE, else a GPU when present (pipeline.dist.device)")
     C.add_docs_args(ap)
     args = ap.parse_args()
     steps = args.steps or (50 if args.quick else 250)
@@ -75,8 +80,10 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
 
-    model = build_model(args.model, args.size, args.channels)
-    info = C.machine({"model": f"{args.model} on {args.channels}x{args.size}x{args.size}", "batch": batch,
+    device = torch.device(args.device) if args.device else dist.device()
+    model = build_model(args.model, args.size, args.channels, device)
+    info = C.machine({"device": hardware.device_name(device),
+                      "model": f"{args.model} on {args.channels}x{args.size}x{args.size}", "batch": batch,
                       "steps": steps, "rounds": rounds})
     print(C.machine_line(info))
     run_once(model, batch, 3, (0.0, 1.0), args.channels, args.size)  # warm-up
@@ -117,7 +124,7 @@ def main() -> None:
 `python bench/sampling.py` ({'quick run' if args.quick else 'full run'}). {C.machine_line(info)}
 
 {args.model} (random weights) on {args.channels}x{args.size}x{args.size} latents, SDE (Euler-Maruyama) {steps} steps,
-cfg scale {CFG_SCALE}, batch {batch}, fp32 on the CPU with {args.threads} torch thread(s), the same per-sample noise
+cfg scale {CFG_SCALE}, batch {batch}, fp32 on {hardware.device_name(device)}, the same per-sample noise
 and labels for both variants, medians of {rounds} interleaved round(s); VAE decode not included (identical for both).
 "Rows" are the batch rows handed to the model (the sampler's `stats`): a guided evaluation runs [cond, uncond] as
 one forward on 2B rows.

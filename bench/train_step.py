@@ -38,6 +38,7 @@ from repa_pipe.cache.manifest import Provenance, TrainingView  # noqa: E402
 from repa_pipe.models import transport  # noqa: E402
 from repa_pipe.models.feature_encoders import load_encoder  # noqa: E402
 from repa_pipe.models.sit import drop_labels, flops_per_sample  # noqa: E402
+from repa_pipe.pipeline import dist, hardware  # noqa: E402
 from repa_pipe.training import step  # noqa: E402
 from repa_pipe.training.config import TrainConfig  # noqa: E402
 from repa_pipe.training.state import new_state  # noqa: E402
@@ -78,12 +79,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, --quick 1)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="train-step autocast and encoder compute precision (CPU default fp32)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: REPA_PIPE_DEVICE, else a GPU when present (pipeline.dist.device)")
     args = ap.parse_args()
     b = args.batch or (2 if args.quick else 4)
     rounds = args.rounds or (1 if args.quick else 8)
     from encode_overhead import dinov2_b_file  # the same random-weights file as the encode benchmark
 
-    device = torch.device("cpu")
+    device = torch.device(args.device) if args.device else dist.device()
     scratch = C.SCRATCH / "train_step"
     cfg = TrainConfig(cache=scratch / "unused-cache", run_dir=scratch / "unused-run", model="SiT-B/2",
                       encoder=("dinov2-b",), encoder_depth=4, global_batch_size=b, precision=args.precision)
@@ -96,10 +99,11 @@ def main() -> None:
     state.model.train()
     enc_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     enc = load_encoder("dinov2-b", str(dinov2_b_file(C.SCRATCH / "encode_overhead" / "dinov2-b-random.safetensors")),
-                       grid=16, dtype=enc_dtype)
+                       grid=16, dtype=enc_dtype, device=device)
     batch, images = make_batch(b)
+    images = images.to(device)
     n_params = sum(p.numel() for p in state.model.parameters())
-    info = C.machine({"batch": b, "precision": args.precision})
+    info = C.machine({"device": hardware.device_name(device), "batch": b, "precision": args.precision})
     print(C.machine_line(info))
 
     rt = step.Runtime(state.model, None, b, device)  # one process, no DDP, no compile; one micro-batch of b rows
@@ -107,10 +111,13 @@ def main() -> None:
     def step_cached(bt: Batch) -> None:
         step.forward_backward(cfg, spec, state, rt, bt)
         step.optimizer_step(cfg, state)
+        hardware.synchronize(device)
 
     def online_features() -> torch.Tensor:
         with torch.inference_mode():
-            return enc(images)  # (B, 256, 768) float32, as the reference hands them to the loss
+            out = enc(images)  # (B, 256, 768) float32, as the reference hands them to the loss
+        hardware.synchronize(device)
+        return out
 
     def step_online() -> None:
         feats = online_features().clone()  # leave inference mode: a normal tensor for the loss
@@ -121,11 +128,13 @@ def main() -> None:
         online_features()
     enc_flops = fc.get_total_flops()
     d = batch.draws
-    x0 = transport.sample_posterior(batch.moments, d["eps"], spec.scaling_factor)
-    y = drop_labels(batch.labels, d["drop"], spec.num_classes)
+    d = {k: v.to(device) for k, v in d.items()}
+    x0 = transport.sample_posterior(batch.moments.to(device), d["eps"], spec.scaling_factor)
+    y = drop_labels(batch.labels.to(device), d["drop"], spec.num_classes)
     t = transport.time_from_base(d["t_uniform"], "uniform", "linear")
     with FlopCounterMode(display=False) as fc:
-        out = transport.repa_loss(state.model, x0, y, batch.features, d["noise"], t, cfg.proj_coeff)
+        out = transport.repa_loss(state.model, x0, y, [f.to(device) for f in batch.features], d["noise"], t,
+                                  cfg.proj_coeff)
     fwd_flops = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
         out["loss"].backward()
@@ -171,7 +180,8 @@ def main() -> None:
 
 `python bench/train_step.py` ({'quick run' if args.quick else 'full run'}). {C.machine_line(info)}
 
-SiT-B/2 ({n_params / 1e6:.1f}M parameters with the projector), encoder depth 4, batch {b}, {args.precision}, CPU.
+SiT-B/2 ({n_params / 1e6:.1f}M parameters with the projector), encoder depth 4, batch {b}, {args.precision},
+{hardware.device_name(device)}.
 Both variants run `step.forward_backward` + `step.optimizer_step` (AdamW, clip, EMA) on the same batch and draws;
 the online variant adds `FeatureEncoder.forward` of the dinov2-b architecture (random weights) on 256 px uint8
 images (/255, normalise, bicubic resize to 224, ViT-B/14, final norm). {rounds} interleaved rounds, medians.

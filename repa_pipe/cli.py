@@ -25,9 +25,10 @@ from repa_pipe.demo.config import DemoConfig
 from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig
 from repa_pipe.pipeline.errors import RepaError
 from repa_pipe.sampling.config import ExportConfig, SampleEvalConfig
+from repa_pipe.training.bench_config import BenchConfig
 from repa_pipe.training.config import TrainConfig
 
-ORDER = ("encode-latents", "encode-features", "cache", "train", "sample-eval", "analyze", "export", "demo")
+ORDER = ("encode-latents", "encode-features", "cache", "train", "sample-eval", "analyze", "export", "demo", "bench")
 FLOW = ("Typical flow: encode-latents and encode-features fill a cache from an image folder (once per image), "
         "train reads only that cache, sample-eval samples a run and computes FID & co. `repa-pipe demo OUT` runs "
         "it all on a small built-in dataset on a CPU.")
@@ -272,6 +273,11 @@ def _demo(cfg: DemoConfig) -> None:
     demo.run(cfg)
 
 
+def _bench(cfg: BenchConfig) -> None:
+    from repa_pipe.stages import bench
+    bench.run(cfg)
+
+
 command(app, "encode-latents", EncodeLatentsConfig, _encode_latents,
         "Encode images into VAE posterior moments (mean, std) in the cache.")
 command(app, "encode-features", EncodeFeaturesConfig, _encode_features,
@@ -292,6 +298,8 @@ command(app, "export", ExportConfig, _export,
         "Write a run's EMA weights as safetensors (with the model config in its metadata).")
 command(app, "demo", DemoConfig, _demo,
         "Run the whole pipeline on scikit-learn's digits on a CPU.")
+command(app, "bench", BenchConfig, _bench,
+        "Training and sampling throughput on this device (images/s, MFU, data wait, peak memory, projected times).")
 
 
 def main() -> None:

@@ -87,8 +87,8 @@ def test_no_import_cycles():
 
 def test_stages_hold_one_file_per_command():
     files = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
-    assert files == ["analyze", "cache", "demo", "encode_features", "encode_latents", "export", "sample_eval",
-                     "train"]
+    assert files == ["analyze", "bench", "cache", "demo", "encode_features", "encode_latents", "export",
+                     "sample_eval", "train"]
 
 
 def test_the_cli_imports_nothing_heavy_at_startup():

@@ -29,7 +29,7 @@ from repa_pipe.metrics.cknna import cknna
 from repa_pipe.models import transport
 from repa_pipe.models.samplers import PerSampleRandn
 from repa_pipe.models.sit import SiT
-from repa_pipe.pipeline.precision import autocast
+from repa_pipe.pipeline.precision import compute
 from repa_pipe.pipeline.progress import Tracker
 from repa_pipe.pipeline.seeding import derive_seed
 
@@ -101,7 +101,7 @@ def analyze_model(model: SiT, reader: CacheReader, latents: str, features: str, 
             y = torch.full((len(part),), model.null_class, device=device)
             for k, t in enumerate(times):
                 tt = torch.full((len(part),), t, device=device)
-                with autocast(precision, device):
+                with compute(precision, device):
                     h = pooled_hidden_states(model, transport.interpolate(x0, noise, tt, path), tt, y)
                 hidden[k, :, i:i + len(part)] = h.cpu().numpy()
                 bar.update(len(part))

@@ -7,7 +7,7 @@ from typing import Optional
 
 from repa_pipe.pipeline.config import check_at_least, check_choices, option
 from repa_pipe.pipeline.errors import ConfigError
-from repa_pipe.pipeline.precision import NAMES_NO_FP16 as PRECISION_NAMES
+from repa_pipe.pipeline.precision import EVAL_NAMES as PRECISION_NAMES
 
 
 def parse_times(text: str) -> tuple[float, ...]:
@@ -40,7 +40,8 @@ class AnalyzeConfig:
     probe_holdout: float = option(0.25, "Fraction of the analysed rows held out to score the linear probe.",
                                   metavar="F")
     batch_size: int = option(64, "Rows per model forward.", metavar="N")
-    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=PRECISION_NAMES)
+    precision: str = option("auto", "Model compute precision: auto (bf16 on CUDA, fp32 on a CPU), fp32 (strict: "
+                                    "TF32 off), tf32, bf16.", metavar="P", choices=PRECISION_NAMES)
     seed: int = option(0, "Seed of the row subset, the noise and the probe split.", metavar="N")
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from repa_pipe.cache.manifest import Manifest, TrainingView, read_manifest
 from repa_pipe.cache.reader import CacheReader, check_ready
 from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
+from repa_pipe.pipeline.precision import resolve
 from repa_pipe.pipeline.progress import log
 from repa_pipe.run.model import load_model
 from repa_pipe.run.record import RECORD, locate_cache, read_record
@@ -81,7 +82,8 @@ def analyze_run(cfg: AnalyzeConfig) -> Analyzed:
             f"{features}, t in {list(times)}")
         a = analyze_model(loaded.model, reader, view.latents, features, rows, scaling_factor=view.scaling_factor,
                           path=loaded.ck.facts.path, times=times, topk=cfg.topk, holdout=cfg.probe_holdout,
-                          batch_size=cfg.batch_size, precision=cfg.precision, seed=cfg.seed, device=device,
+                          batch_size=cfg.batch_size, precision=resolve(cfg.precision, device, "analyze"), seed=cfg.seed,
+                          device=device,
                           aligned_block=loaded.model.encoder_depth if loaded.model.z_dims else None)
     finally:
         reader.close()

@@ -10,7 +10,7 @@ from repa_pipe.cache.source_options import BYTES_PER_BUDGET_PIXEL, DEFAULT_MAX_M
 from repa_pipe.models.registry import CODEC_NAMES, ENCODERS
 from repa_pipe.pipeline.config import check_at_least, check_choices, flag, option
 from repa_pipe.pipeline.errors import ConfigError
-from repa_pipe.pipeline.precision import NAMES as PRECISION_NAMES
+from repa_pipe.pipeline.precision import ENCODE_NAMES as PRECISION_NAMES
 
 DEFAULT_RESOLUTION = 256
 
@@ -34,7 +34,8 @@ class _Common:
     batch_size: int = option(32, "Images per model forward.", metavar="N")
     workers: int = option(4, "Image-decoding loader processes per rank (0: decode in the main process).",
                           metavar="N")
-    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=PRECISION_NAMES)
+    precision: str = option("auto", "Model compute precision: auto (tf32 on CUDA, fp32 on a CPU), fp32 (strict: "
+                                    "TF32 off), tf32, bf16, fp16.", metavar="P", choices=PRECISION_NAMES)
     skip_bad: bool = option(False, "Record bad images and labels (path, reason) in the manifest and mark their "
                                    "rows invalid, instead of stopping at the first one.")
     num_classes: Optional[int] = option(None, "Labels must lie in [0, N). Default: the number of class folders of "

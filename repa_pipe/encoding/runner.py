@@ -8,6 +8,7 @@ SIGINT/SIGTERM stop at the next batch boundary; every finished shard is kept.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +26,7 @@ from repa_pipe.cache.sources import (ImageSource, PreprocessedBatch, Preprocesse
 from repa_pipe.encoding.config import DEFAULT_RESOLUTION, EncodeFeaturesConfig, EncodeLatentsConfig
 from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.errors import BadInputError, RepaError
-from repa_pipe.pipeline.precision import autocast
+from repa_pipe.pipeline.precision import compute
 from repa_pipe.pipeline.progress import Tracker, log
 from repa_pipe.pipeline.signals import StopOnSignal, Stopped, loader_worker_init
 
@@ -89,6 +90,14 @@ def resolve_resolution(cache: Path, asked: Optional[int]) -> int:
     return m.resolution if m else DEFAULT_RESOLUTION
 
 
+def resume_precision(cache: Path, spec: ArraySpec, asked: str) -> ArraySpec:
+    """With --precision auto, an array already begun keeps the precision it was begun in (say fp32, made before
+    `auto` existed or on another device), so resuming it never mixes precisions nor is refused for it."""
+    m = existing_manifest(cache)
+    have = m.arrays.get(spec.name) if m is not None and asked == "auto" else None
+    return dataclasses.replace(spec, precision=have.spec.precision) if have is not None else spec
+
+
 def precheck(job: EncodeJob, spec: ArraySpec) -> None:
     """Every check that can refuse the job, before anything is written: the folder, the cache's images,
     resolution and shard size, and an existing array's spec."""
@@ -113,10 +122,10 @@ def run_job(job: EncodeJob, spec: ArraySpec, forward: ModelFn, precision: str) -
         if writer.clean_array_debris(job.cache, spec.name):
             log(f"{job.desc}: removed temp files of an interrupted run")
 
-    amp = autocast(precision, dist.device())
+    device = dist.device()
 
     def model_fn(x: torch.Tensor) -> torch.Tensor:
-        with amp:
+        with compute(precision, device):  # autocast / TF32 for the forward only, the caller's flags after it
             return forward(x)
 
     try:
@@ -173,8 +182,9 @@ def _encode_owned(job: EncodeJob, w: writer.ShardWriter, shards: list[int], mode
         return
     # Identity index map: the batch sampler yields source indices directly.
     dataset = PreprocessedImages(job.source, np.arange(w.manifest.n), job.resolution, job.max_pixels)
+    # No DataLoader pin_memory: the batch is numpy, which it does not pin; _encode_batch pins the tensor itself.
     loader = DataLoader(dataset, batch_sampler=_shard_batches(ranges, job.batch_size), num_workers=job.workers,
-                        collate_fn=collate_preprocessed, pin_memory=torch.cuda.is_available(),
+                        collate_fn=collate_preprocessed,
                         persistent_workers=False, prefetch_factor=4 if job.workers else None,
                         worker_init_fn=loader_worker_init if job.workers else None)
     row_shape = w.spec.row_shape
@@ -209,10 +219,20 @@ def _encode_batch(job: EncodeJob, batch: PreprocessedBatch, shard_start: int, bu
         bad.append(BadRow(index=int(index), key=job.source.keys[index], path=where, reason=reason))
     if not batch.valid.any():
         return
-    x = torch.from_numpy(batch.images[batch.valid]).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+    # (B, 3, H, W) uint8 with NHWC strides (channels_last): the layout cuDNN's fastest convolutions read
+    x = torch.from_numpy(batch.images[batch.valid]).permute(0, 3, 1, 2)
+    device = dist.device()
+    on_gpu = device.type == "cuda"
+    if on_gpu:  # page-locked, so the copy to the GPU is asynchronous (a pageable copy makes the host wait)
+        x = x.pin_memory()
     with torch.inference_mode():
-        out = model_fn(x.to(dist.device(), non_blocking=True)).to(getattr(torch, spec.dtype))
-        finite = torch.isfinite(out.flatten(1)).all(dim=1).cpu().numpy()  # on the device: no host pass
+        out = model_fn(x.to(device, non_blocking=on_gpu)).to(getattr(torch, spec.dtype))
+        finite_dev = torch.isfinite(out.flatten(1)).all(dim=1)  # on the device: no host pass over the values
+        # one wait for the GPU per batch: both results come back on the stream, then a single synchronize
+        out, finite_t = out.to("cpu", non_blocking=on_gpu), finite_dev.to("cpu", non_blocking=on_gpu)
+        if on_gpu:
+            torch.cuda.current_stream(device).synchronize()
+        finite = finite_t.numpy()
     if not finite.all():
         first = int(batch.indices[batch.valid][~finite][0])
         raise BadInputError(f"{job.source.where(first)}: {spec.model.name} gave NaN or Inf for this image (in "

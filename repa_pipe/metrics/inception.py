@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
 from repa_pipe.pipeline.errors import BadInputError, MissingWeightsError
 from repa_pipe.pipeline.hashing import hash_file
+from repa_pipe.pipeline.precision import tf32
 from repa_pipe.metrics.npz_io import ImageBatches, check_images, iter_batches
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -44,25 +45,6 @@ def _extractor_class():
 def spatial_from_mixed6(act: torch.Tensor) -> torch.Tensor:
     """(N, 192, 17, 17) Mixed_6d.branch1x1 output -> (N, 2023): channels [:7], NHWC flatten like TF."""
     return act[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(act.shape[0], -1)
-
-
-@contextlib.contextmanager
-def _tf32_disabled(enabled: bool) -> Iterator[None]:
-    """Turn TF32 off for the duration (reproducible features on Ampere+); restore the caller's settings."""
-    if enabled:
-        yield
-        return
-    try:
-        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    except RuntimeError:  # the caller uses torch's newer fp32_precision API; leave it alone
-        saved = None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class InceptionFeatures:
@@ -96,7 +78,8 @@ class InceptionFeatures:
             images = images.copy()
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         x = x.to(self.device)
-        with _tf32_disabled(self.allow_tf32):
+        # TF32 off for the duration unless allowed (reproducible features on Ampere+); the caller's flags after
+        with contextlib.nullcontext() if self.allow_tf32 else tf32(False):
             pool, logits = self.net(x)
         spatial, self._spatial = self._spatial, None
         return {"pool": pool.float().cpu().numpy(),  # (B, 2048)

@@ -74,6 +74,16 @@ def check_at_least(cfg: Any, names: Iterable[str], low: int) -> None:
             raise ConfigError(f"{flag(name)} must be >= {low}, got {v}")
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed and numpy's SeedSequence take unsigned 64-bit seeds
+
+
+def check_seed(cfg: Any, name: str = "seed") -> None:
+    """ConfigError unless the field is an integer seed in [0, 2^64 - 1]."""
+    v = getattr(cfg, name)
+    if not 0 <= v <= SEED_MAX:
+        raise ConfigError(f"{flag(name)} must be in [0, 2^64 - 1], got {v}")
+
+
 def check_fraction(cfg: Any, names: Iterable[str]) -> None:
     """ConfigError naming the first of `names` outside [0, 1)."""
     for name in names:

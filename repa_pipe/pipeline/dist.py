@@ -1,4 +1,5 @@
-"""Process-group helpers. The only module that reads torchrun's rank environment variables.
+"""Process-group helpers and the compute device. The only module that reads torchrun's rank environment variables
+and REPA_PIPE_DEVICE (`cpu` or `cuda`: the device every stage runs on; unset, a GPU when one is present).
 
 Every function works without torch.distributed initialised (one process: rank 0 of 1), so stages call
 them unconditionally, the way EDM2's `torch_utils/distributed.py` is used.
@@ -38,7 +39,7 @@ def init(timeout_min: float = 30.0) -> DistInfo:
     """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); no-op otherwise."""
     info = env_info()
     if info.world_size > 1 and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device().type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
@@ -129,10 +130,23 @@ def _cpu_group() -> Any:
     return _CPU_GROUP
 
 
+DEVICE_ENV = "REPA_PIPE_DEVICE"
+
+
 def device() -> torch.device:
-    """cuda:LOCAL_RANK when a GPU is present, else cpu."""
+    """cuda:LOCAL_RANK when a GPU is present, else cpu; REPA_PIPE_DEVICE=cpu|cuda chooses (the test suite pins
+    cpu, so a GPU in the box changes no test's numbers; `cuda` without a GPU is refused)."""
+    from repa_pipe.pipeline.errors import ConfigError
+
+    want = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if want not in ("", "cpu", "cuda"):
+        raise ConfigError(f"{DEVICE_ENV}={want!r}: must be cpu or cuda (or unset)")
+    if want == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", env_info().local_rank)
+    if want == "cuda":
+        raise ConfigError(f"{DEVICE_ENV}=cuda but torch sees no CUDA device")
     return torch.device("cpu")
 
 

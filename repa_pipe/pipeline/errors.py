@@ -29,6 +29,10 @@ class CacheBusyError(RepaError):
     """Another job holds the lock on writing an array of the cache; the message names it."""
 
 
+class OutputBusyError(RepaError):
+    """Another job holds the lock of an output folder (e.g. sample-eval's --out); the message names it."""
+
+
 class CorruptDataError(RepaError):
     """Bytes on disk differ from what was written (a checksum mismatch) or a file of a done shard is missing.
 

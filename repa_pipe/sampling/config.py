@@ -1,14 +1,15 @@
 """The options of `repa-pipe sample-eval` (light: the CLI reads them to build --help)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from repa_pipe.models.registry import CODEC_NAMES, SIT_PRESETS, SIT_PRESETS_TEXT
-from repa_pipe.pipeline.config import check_at_least, check_choices, option
+from repa_pipe.pipeline.config import check_at_least, check_choices, check_seed, option
 from repa_pipe.pipeline.errors import ConfigError, MissingWeightsError
-from repa_pipe.pipeline.precision import NAMES_NO_FP16 as PRECISION_NAMES
+from repa_pipe.pipeline.precision import EVAL_NAMES as PRECISION_NAMES
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -40,7 +41,8 @@ class SampleEvalConfig:
                        metavar="MODE", choices=("sde", "ode"))
     num_steps: int = option(250, "Sampler steps (model evaluations for SDE/Euler).", metavar="N")
     heun: bool = option(False, "ODE only: Heun's second-order correction.")
-    cfg_scale: float = option(1.8, "Classifier-free guidance scale (1: no guidance).", metavar="W")
+    cfg_scale: float = option(1.8, "Classifier-free guidance scale, finite and >= 1 (1: no guidance).",
+                              metavar="W")
     guidance_interval: str = option("0,0.7", "LO,HI: guide only where LO <= t <= HI (t=1 is noise).",
                                     metavar="LO,HI")
     seed: int = option(0, "Sample i's noise and label depend only on (seed, i).", metavar="N")
@@ -48,7 +50,9 @@ class SampleEvalConfig:
     shard_size: int = option(1000, "Samples per shard file (the resume unit).", metavar="N")
     labels: str = option("random", "Class labels: random (uniform, as the reference) or balanced "
                                    "(i mod num_classes).", metavar="KIND", choices=("random", "balanced"))
-    precision: str = option("fp32", "Model compute precision.", metavar="P", choices=PRECISION_NAMES)
+    precision: str = option("auto", "Model compute precision: auto (bf16 on CUDA, fp32 on a CPU), fp32 (strict: "
+                                    "TF32 off), tf32 (the reference generate.py's), bf16.", metavar="P",
+                            choices=PRECISION_NAMES)
     vae: Optional[str] = option(None, "Decoder. Default: sd-vae-ft-ema for SD-VAE latents (the reference's "
                                       "pairing: train on ft-mse latents, decode with ft-ema), else the run's "
                                       "codec.", metavar="NAME", choices=CODEC_NAMES)
@@ -70,6 +74,14 @@ class SampleEvalConfig:
         check_choices(self)
         check_at_least(self, ("num_samples", "num_steps", "batch_size", "shard_size", "eval_batch_size",
                               "ref_images"), 1)
+        check_seed(self)
+        # The sampler guides only when w > 1 (the reference's `cfg_scale > 1.0` gate): a smaller w would be
+        # recorded in the manifest but sample unguided, and inf/nan give black images.
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
+            raise ConfigError(f"--cfg-scale must be a finite number >= 1 (1: no guidance), got {self.cfg_scale}")
+        if self.heun and self.mode != "ode":
+            raise ConfigError(f"--heun is a correction of the ODE sampler: use it with --mode ode (got --mode "
+                              f"{self.mode})")
         if self.fd_dinov2 and not self.dinov2_weights:
             raise MissingWeightsError("--fd-dinov2 needs DINOv2-L weights: pass --dinov2-weights FILE")
         if self.eval_only is None and self.run_dir is None and self.ckpt is None:

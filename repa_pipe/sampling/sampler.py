@@ -8,6 +8,7 @@ depends on, and a re-run with other settings is refused.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,7 @@ from repa_pipe.models.samplers import PerSampleRandn, sample
 from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.fileio import atomic_write_json, read_json
-from repa_pipe.pipeline.precision import autocast
+from repa_pipe.pipeline.precision import compute, resolve
 from repa_pipe.pipeline.progress import Tracker, log
 from repa_pipe.pipeline.seeding import sample_seed
 from repa_pipe.pipeline.signals import StopOnSignal, Stopped
@@ -40,6 +41,18 @@ class Sampler:
     def num_classes(self) -> int:
         return self.model.num_classes
 
+    @functools.cached_property
+    def precision(self) -> str:
+        """What the model runs in: --precision, `auto` resolved as the shards already in --out were made (a resumed
+        run never mixes precisions, nor is refused for one made before `auto` or on another device), else for
+        this device."""
+        if self.cfg.precision == "auto":
+            path = Path(self.cfg.out) / "shards" / "sampling.json"
+            have = read_json(path) if path.is_file() else None
+            if have and have.get("precision") and any((Path(self.cfg.out) / "shards").glob("[0-9]*.npz")):
+                return have["precision"]
+        return resolve(self.cfg.precision, self.device, "sample")
+
     def batch(self, idx: range, bar: Optional[Tracker] = None) -> tuple[np.ndarray, np.ndarray]:
         """Samples idx -> (uint8 (n, H, W, 3), labels (n,)); `bar` advances by len(idx) / num_steps per step."""
         cfg, m = self.cfg, self.model
@@ -51,11 +64,14 @@ class Sampler:
         else:
             y = torch.tensor([i % self.num_classes for i in idx], device=self.device)
         on_step = (lambda: bar.update(len(idx) / cfg.num_steps)) if bar is not None else None
-        with autocast(cfg.precision, self.device):
+        with compute(self.precision, self.device):
             x = sample(m.forward_velocity, z, y, mode=cfg.mode, num_steps=cfg.num_steps, heun=cfg.heun,
                        cfg_scale=cfg.cfg_scale, guidance_interval=parse_interval(cfg.guidance_interval),
                        null_class=m.null_class, randn=randn, on_step=on_step)
-        return self.decode(x.float()).numpy(), y.cpu().numpy()
+        # Decoding stays float32 (a few per mille of the sampler's FLOPs): TF32 only when --precision tf32 asked.
+        with compute("tf32" if self.precision == "tf32" else "fp32", self.device):
+            pixels = self.decode(x.float())
+        return pixels.numpy(), y.cpu().numpy()
 
 
 def sampling_key(cfg: SampleEvalConfig, s: Sampler, weights_hash: str) -> dict[str, Any]:
@@ -63,7 +79,7 @@ def sampling_key(cfg: SampleEvalConfig, s: Sampler, weights_hash: str) -> dict[s
     lo, hi = parse_interval(cfg.guidance_interval)
     return {"weights_state_sha256": weights_hash, "num_samples": cfg.num_samples, "shard_size": cfg.shard_size,
             "mode": cfg.mode, "num_steps": cfg.num_steps, "heun": cfg.heun, "cfg_scale": cfg.cfg_scale,
-            "guidance_interval": [lo, hi], "seed": cfg.seed, "labels": cfg.labels, "precision": cfg.precision,
+            "guidance_interval": [lo, hi], "seed": cfg.seed, "labels": cfg.labels, "precision": s.precision,
             "decoder": [s.decoder_id[0], str(Path(s.decoder_id[1]).resolve()) if s.decoder_id[1] else None]}
 
 

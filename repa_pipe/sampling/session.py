@@ -15,10 +15,11 @@ import torch
 
 from repa_pipe import __version__
 from repa_pipe.cache.layout import CachePaths
+from repa_pipe.cache.lock import HolderLock
 from repa_pipe.cache.manifest import TrainingView, is_cache
 from repa_pipe.pipeline import dist, images
 from repa_pipe.pipeline.config import to_dict
-from repa_pipe.pipeline.errors import ConfigError, MissingWeightsError
+from repa_pipe.pipeline.errors import ConfigError, MissingWeightsError, OutputBusyError
 from repa_pipe.pipeline.fileio import atomic_write_json
 from repa_pipe.pipeline.hashing import hash_state_dict
 from repa_pipe.pipeline.progress import log
@@ -26,11 +27,20 @@ from repa_pipe.run.record import locate_cache, read_record
 from repa_pipe.sampling import shards
 from repa_pipe.sampling.config import SampleEvalConfig
 from repa_pipe.sampling.decode import choose_decoder, make_decoder
-from repa_pipe.sampling.evaluation import ReferenceSource, check_sample_npz, prepare_eval, run_eval
+from repa_pipe.sampling.evaluation import Evaluator, ReferenceSource, check_sample_npz, prepare_eval, run_eval
 from repa_pipe.sampling.sampler import Sampler, run_sampling, sampling_key
 from repa_pipe.run.model import LoadedModel, load_model
 
 GRID_N = 64
+OUT_LOCK = ".sample-eval.lock"
+
+
+def out_lock(out: Path) -> HolderLock:
+    """The lock one sample-eval job holds on its --out for its whole run: a second job on the same folder would
+    mix its shards into the first one's npz (with other seeds or settings), so it is refused, naming the holder."""
+    return HolderLock(Path(out) / OUT_LOCK, lambda holder: OutputBusyError(
+        f"--out {out}: another sample-eval is writing this folder ({holder}); wait for it to finish, or use "
+        "another --out"))
 
 
 def make_sampler(cfg: SampleEvalConfig, device: torch.device) -> tuple[Sampler, LoadedModel]:
@@ -106,6 +116,18 @@ def sample_and_evaluate(cfg: SampleEvalConfig) -> Optional[Written]:
         f"{cfg.mode} {cfg.num_steps} steps, cfg {cfg.cfg_scale} on t in [{cfg.guidance_interval}], "
         f"decoder {s.decoder_id[0]}")
     weights_hash = hash_state_dict(loaded.model.state_dict())
+    lock = out_lock(out)
+    dist.run_on_rank0(lambda: lock.acquire() and None)  # before anything in --out is read or written
+    try:
+        return _sample_and_write(cfg, s, loaded, ev, weights_hash)
+    finally:
+        lock.release()
+
+
+def _sample_and_write(cfg: SampleEvalConfig, s: Sampler, loaded: LoadedModel, ev: Optional[Evaluator],
+                      weights_hash: str) -> Optional[Written]:
+    """The shards (checked against the folder's settings first), then rank 0: npz, grid, metrics, manifest."""
+    out = Path(cfg.out)
     n_shards = run_sampling(cfg, s, sampling_key(cfg, s, weights_hash))
     if not dist.is_main():
         return None

@@ -9,6 +9,7 @@ from repa_pipe.encoding.config import EncodeFeaturesConfig
 from repa_pipe.models.feature_encoders import load_encoder
 from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.errors import ConfigError
+from repa_pipe.pipeline.precision import resolve
 from repa_pipe.pipeline.progress import log
 
 
@@ -27,10 +28,16 @@ def run(cfg: EncodeFeaturesConfig) -> None:
         raise ConfigError(f"--resolution {res}: no latent codec encodes an odd image side (pixel needs a multiple "
                           "of 2, tiny of 8, sd-vae-* of 16), so a cache made at it could never be trained on")
     grid = cfg.grid or default_grid(Path(cfg.cache), res)
-    enc = load_encoder(cfg.encoder, cfg.encoder_weights, grid=grid, device=dist.device())
+    if grid > res:  # refused before the encoder (and its grid * patch px input) is built
+        raise ConfigError(f"--grid {grid}: more tokens per side than the {res} px images have pixels; a SiT on "
+                          f"these images has at most {res} tokens per side (use the default, or --grid <= {res})")
+    device = dist.device()
+    precision = resolve(cfg.precision, device, "encode")
+    enc = load_encoder(cfg.encoder, cfg.encoder_weights, grid=grid, device=device)
     if enc.is_random_init:
         log(f"[yellow]{cfg.encoder}: random-init encoder (for tests), not a pretrained one[/]")
-    spec = features_spec(enc.describe(), len(source), res, cfg.dtype, cfg.precision)
+    spec = features_spec(enc.describe(), len(source), res, cfg.dtype, precision)
     job = runner.job_from(cfg, source, res, desc=f"encode-features {cfg.encoder}")
     # forward: (B, 3, H, W) uint8 -> (B, T, D) float32 patch tokens
-    runner.run_job(job, spec, enc, cfg.precision)
+    spec = runner.resume_precision(Path(cfg.cache), spec, cfg.precision)
+    runner.run_job(job, spec, enc, spec.precision)

@@ -73,6 +73,12 @@ def check_model_fits(view: TrainingView, model_tokens: int, model_desc: str) -> 
                 "or pick a model with another patch size")
 
 
+def adamw_impl(device: torch.device) -> dict[str, bool]:
+    """Which AdamW kernels: on CUDA the fused one (one kernel for all parameters, torch's AdamW docs); elsewhere
+    torch's default (a for-loop on a CPU), so CPU numbers are unchanged. Same update rule, different rounding."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device,
               encoder_depth: Optional[int] = None) -> State:
     """A fresh state; `encoder_depth`: the aligned block as resolved (None: --encoder-depth or the model's
@@ -85,7 +91,7 @@ def new_state(cfg: TrainConfig, view: TrainingView, device: torch.device,
     ema.requires_grad_(False).eval()
     # Reference optimizer: AdamW(lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay); pos_embed is frozen.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999),
-                            eps=1e-8, weight_decay=0.0)
+                            eps=1e-8, weight_decay=0.0, **adamw_impl(device))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return State(model, ema, opt, scaler)
 
@@ -106,9 +112,15 @@ def load_into(state: State, ck: Checkpoint, cfg: TrainConfig) -> None:
     t = ck.require_training("use another --run-dir")
     state.model.load_state_dict(t.model)
     state.ema.load_state_dict(ck.ema)
+    impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in state.opt.param_groups]
     state.opt.load_state_dict(t.opt)
-    for group in state.opt.param_groups:
+    for group, kernels in zip(state.opt.param_groups, impl):
         group["lr"] = cfg.lr
+        group.update(kernels)  # this device's AdamW kernels, not those of the machine that saved the checkpoint
+        if group.get("fused"):  # the fused kernel keeps `step` beside the parameter (torch places it per saved group)
+            for p in group["params"]:
+                if "step" in state.opt.state.get(p, {}):
+                    state.opt.state[p]["step"] = state.opt.state[p]["step"].to(p.device, torch.float32)
     # A disabled scaler (bf16/fp32) saves {}; loading that into an enabled one (switch to fp16) would fail.
     if t.scaler and state.scaler.is_enabled():
         state.scaler.load_state_dict(t.scaler)

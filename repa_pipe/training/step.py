@@ -12,7 +12,7 @@ from repa_pipe.cache.manifest import TrainingView
 from repa_pipe.models import transport
 from repa_pipe.models.sit import SiT, drop_labels
 from repa_pipe.pipeline import dist
-from repa_pipe.pipeline.precision import autocast
+from repa_pipe.pipeline.precision import autocast, compute
 from repa_pipe.training.config import TrainConfig
 from repa_pipe.training.state import State
 from repa_pipe.training.stream import Batch
@@ -29,17 +29,22 @@ class Runtime:
 
 
 def setup_device(cfg: TrainConfig) -> torch.device:
-    device = dist.device()
-    if device.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
+    """The device training runs on. TF32 (--tf32) is not set here for the whole process: each step turns it on
+    for its own forward/backward only (`forward_backward`), so nothing leaks into later work in the process."""
+    return dist.device()
+
+
+def ddp_options(device: torch.device) -> dict[str, object]:
+    """DDP settings: gradients are views into the all-reduce buckets (no second copy of every gradient, one
+    memcpy less per step: torch's DDP notes). static_graph stays off: the step skips the all-reduce with
+    no_sync() on all but the last micro-batch, and `--compile` splits the graph at bucket boundaries."""
+    return {"device_ids": [device.index] if device.type == "cuda" else None, "gradient_as_bucket_view": True}
 
 
 def wrap(cfg: TrainConfig, model: SiT, micro: int, device: torch.device) -> Runtime:
     ddp = None
     if dist.get_world_size() > 1:
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DDP(model, **ddp_options(device))
     net: torch.nn.Module = ddp if ddp is not None else model
     if cfg.compile:
         net = torch.compile(net)
@@ -78,13 +83,16 @@ def forward_backward(cfg: TrainConfig, view: TrainingView, state: State, rt: Run
     share = batch.labels.shape[0]
     w = rt.micro / share
     sums = {k: torch.zeros((), device=rt.device) for k in ("loss", "denoise", "align")}
-    for lo in range(0, share, rt.micro):
-        with no_sync(rt.ddp, last=lo + rt.micro >= share):
-            with autocast(cfg.precision, rt.device):
-                out = micro_loss(cfg, view, rt.net, batch, slice(lo, lo + rt.micro), rt.device)
-            state.scaler.scale(out["loss"] * w).backward()
-        for k in sums:
-            sums[k] += out[k].detach().float() * w
+    # TF32 (--tf32, CUDA only) for this step's forward and backward only; autocast around the forward alone, as
+    # torch's AMP notes ask (backward ops run in the dtypes autocast chose for their forward ops).
+    with compute("fp32", rt.device, allow_tf32=cfg.tf32):
+        for lo in range(0, share, rt.micro):
+            with no_sync(rt.ddp, last=lo + rt.micro >= share):
+                with autocast(cfg.precision, rt.device):
+                    out = micro_loss(cfg, view, rt.net, batch, slice(lo, lo + rt.micro), rt.device)
+                state.scaler.scale(out["loss"] * w).backward()
+            for k in sums:
+                sums[k] += out[k].detach().float() * w
     return sums
 
 
