@@ -14,6 +14,7 @@ from repa_pipe.cache.manifest import read_manifest
 from repa_pipe.pipeline import hardware
 from repa_pipe.stages import bench
 from repa_pipe.training.bench_config import BenchConfig
+from repa_pipe.training.benchmark import bench_train, cache_view, synthetic_cache
 from repa_pipe.training.config import TrainConfig
 
 TINY = dict(model="SiT-T/2", resolution=64, batch_size=8, steps=2, warmup=1, sample_batch_size=2,
@@ -60,7 +61,7 @@ def test_bench_reports_every_figure_from_a_synthetic_cache(tmp_path):
 
 
 def test_bench_reads_a_given_cache_and_can_skip_sampling(tmp_path):
-    cache = bench.synthetic_cache(tmp_path / "c", 16, 64, 4, None)
+    cache = synthetic_cache(tmp_path / "c", 16, 64, 4, None)
     before = sorted(p.name for p in cache.rglob("*"))
     rep = bench.run(BenchConfig(**{**TINY, "batch_size": 8}, cache=cache, encoder="none", sampling=False))
     check_train(rep["train"][0], compiled=False)
@@ -83,10 +84,10 @@ def test_peak_table(name, peak):
 
 
 def test_mfu_is_the_analytic_rate_over_the_peak(tmp_path):
-    cache = bench.synthetic_cache(tmp_path / "c", 16, 64, 4, "dinov2-b")
-    view = bench.cache_view(cache, ("dinov2-b",))
+    cache = synthetic_cache(tmp_path / "c", 16, 64, 4, "dinov2-b")
+    view = cache_view(cache, ("dinov2-b",))
     cfg = TrainConfig(cache=cache, run_dir=tmp_path / "r", model="SiT-T/2", global_batch_size=8, loader_threads=1)
-    f = bench.bench_train(cfg, view, torch.device("cpu"), steps=1, warmup=0, peak=100.0)
+    f = bench_train(cfg, view, torch.device("cpu"), steps=1, warmup=0, peak=100.0)
     assert f.mfu == pytest.approx(f.tflops_per_s / 100.0) and f.tflops_per_s == pytest.approx(
         f.images_per_s * f.gflop_per_image / 1e3)
 

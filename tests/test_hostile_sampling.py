@@ -21,7 +21,7 @@ from test_sample_eval import _one_thread, cli_args, config, error_line, setup  #
 
 
 # --------------------------------------------------------------------------------- 4. two sample-evals, one --out
-def test_second_sample_eval_on_one_out_is_refused_naming_the_holder(setup, tmp_path):
+def test_second_sample_eval_on_one_out_is_refused_naming_the_holder(setup, tmp_path):  # noqa: F811 (the fixture)
     out = tmp_path / "o"
     with session.out_lock(out):  # a first job, still running
         r = invoke(cli_args(setup, out, "--seed", 1))
@@ -31,7 +31,8 @@ def test_second_sample_eval_on_one_out_is_refused_naming_the_holder(setup, tmp_p
     assert [p.name for p in out.rglob("*")] == [session.OUT_LOCK]  # no shard, no settings written
 
 
-def test_the_lock_is_released_after_a_run_and_other_settings_are_refused_before_any_shard(setup, tmp_path):
+def test_the_lock_is_released_after_a_run_and_other_settings_are_refused_before_any_shard(
+        setup, tmp_path):  # noqa: F811 (the fixture)
     out = tmp_path / "o"
     sample_eval.run(config(setup, out))
     shards = sorted((out / "shards").glob("*.npz"))
@@ -45,18 +46,18 @@ def test_the_lock_is_released_after_a_run_and_other_settings_are_refused_before_
 
 # --------------------------------------------------------------------------------- 7. guidance values
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0.5", "-inf"])
-def test_cfg_scale_must_be_finite_and_at_least_one(setup, tmp_path, value):
+def test_cfg_scale_must_be_finite_and_at_least_one(setup, tmp_path, value):  # noqa: F811 (the fixture)
     line = error_line(invoke(cli_args(setup, tmp_path / "o", "--cfg-scale", value)))
     assert "--cfg-scale must be a finite number >= 1 (1: no guidance)" in line
     assert not (tmp_path / "o").exists()
 
 
-def test_cfg_scale_one_and_above_are_accepted(setup, tmp_path):
+def test_cfg_scale_one_and_above_are_accepted(setup, tmp_path):  # noqa: F811 (the fixture)
     for w in (1.0, 4.0):
         assert config(setup, tmp_path / "o", cfg_scale=w).cfg_scale == w
 
 
-def test_heun_with_sde_is_refused(setup, tmp_path):
+def test_heun_with_sde_is_refused(setup, tmp_path):  # noqa: F811 (the fixture)
     line = error_line(invoke(cli_args(setup, tmp_path / "o", "--heun")))
     assert "--heun is a correction of the ODE sampler: use it with --mode ode (got --mode sde)" in line
     assert config(setup, tmp_path / "o", mode="ode", heun=True).heun
@@ -65,13 +66,13 @@ def test_heun_with_sde_is_refused(setup, tmp_path):
 
 # --------------------------------------------------------------------------------- 10. one line, not a traceback
 @pytest.mark.parametrize("seed", ["-1", str(2**64), str(10**30)])
-def test_sample_eval_seed_out_of_range_is_one_line(setup, tmp_path, seed):
+def test_sample_eval_seed_out_of_range_is_one_line(setup, tmp_path, seed):  # noqa: F811 (the fixture)
     line = error_line(invoke(cli_args(setup, tmp_path / "o", "--seed", seed)))
     assert f"--seed must be in [0, 2^64 - 1], got {seed}" in line
     assert not (tmp_path / "o").exists()
 
 
-def test_sample_eval_largest_seed_is_accepted(setup, tmp_path):
+def test_sample_eval_largest_seed_is_accepted(setup, tmp_path):  # noqa: F811 (the fixture)
     assert config(setup, tmp_path / "o", seed=2**64 - 1).seed == 2**64 - 1
 
 

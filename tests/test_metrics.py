@@ -1,4 +1,5 @@
-"""Metrics tests (reference/eval.md 9.1): CPU, offline, random-weight Inception.
+"""Metrics tests against ADM's evaluator (https://github.com/openai/guided-diffusion `evaluations/evaluator.py`),
+torch-fidelity, dgm-eval and platonic-rep: CPU, offline, random-weight Inception.
 
 Every metric is compared with an independent computation written here (closed forms, brute force, the
 torch-fidelity extractor called directly, ADM's formulas in plain numpy), never with the code's own output.

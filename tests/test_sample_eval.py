@@ -166,7 +166,8 @@ def test_to_uint8_truncates_like_the_reference():
 
 def reference_sample(model: torch.nn.Module, seed: int, i: int, cfg_scale: float, interval: tuple[float, float],
                      steps: int) -> tuple[torch.Tensor, int]:
-    """Sample i written out from repa_official.md section 5, independently of models/samplers.py: its generator
+    """Sample i written out from the REPA reference's `samplers.py` (SDE) with docs/numerics.md's
+    per-sample generators (deviation 7), independently of models/samplers.py: its generator
     (SeedSequence([seed, i])) draws the 4x8x8 noise, then the label, then one noise per noisy step; grid
     linspace(1, 0.04, N) + [0]; drift (2 - t) v + x, guided as u + w (c - u) iff lo <= t <= hi; last step
     deterministic; float64 state, model in fp32."""

@@ -1,5 +1,5 @@
-"""Samplers: grids, SDE/ODE steps, CFG gating and batching, per-sample RNG (repa_official.md section 5,
-section 8 points 13-15)."""
+"""Samplers: grids, SDE/ODE steps, CFG gating and batching, per-sample RNG (the REPA reference's `samplers.py`,
+https://github.com/sihyun-yu/REPA; docs/numerics.md points 13-15 and deviation 7)."""
 from __future__ import annotations
 
 import math

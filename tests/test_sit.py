@@ -1,4 +1,5 @@
-"""SiT model: parity with the REPA reference (repa_official.md section 4 / section 8 points 6-10, 12)."""
+"""SiT model: parity with the REPA reference (https://github.com/sihyun-yu/REPA `models/sit.py`;
+docs/numerics.md points 6-10, 12)."""
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ def randomize_(m: torch.nn.Module, seed: int = 0) -> None:
 def test_timestep_embedding_values_at_half():
     e = timestep_embedding(torch.tensor([0.5]), 256)[0]
     assert e.shape == (256,)
-    # reference values listed in repa_official.md section 8 point 8
+    # the reference's TimestepEmbedder (REPA `models/sit.py`) at t = 0.5: cos(0.5 f_k), then sin(0.5 f_k), k = 0..2
     torch.testing.assert_close(e[:3], torch.tensor([0.8775826, 0.8936933, 0.9077185]), atol=1e-6, rtol=0)
     torch.testing.assert_close(e[128:131], torch.tensor([0.4794255, 0.4486784, 0.4195797]), atol=1e-6, rtol=0)
     # all 256 values against a float64 formula: [cos(t f_k), sin(t f_k)], f_k = exp(-ln(1e4) k / 128)

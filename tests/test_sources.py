@@ -47,7 +47,8 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def reference_center_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """Written straight from the reference description (repa_official.md section 1), numpy crop at the end."""
+    """Written straight from the REPA reference's `preprocessing/dataset_tools.py` center crop (ADM's;
+    docs/numerics.md point 1), numpy crop at the end."""
     pil_image = pil_image.convert("RGB")
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)

@@ -1,4 +1,5 @@
-"""Transport: paths, time sampling, losses (repa_official.md section 2, section 8 points 3-6)."""
+"""Transport: paths, time sampling, losses (the REPA reference's `train.py` and `loss.py`,
+https://github.com/sihyun-yu/REPA; docs/numerics.md points 3-6)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""CKNNA representation alignment (Huh et al. 2024, platonic-rep), as described in eval.md 5.
+"""CKNNA representation alignment (Huh et al. 2024), as platonic-rep's `metrics.py`
+computes it (https://github.com/minyoungg/platonic-rep).
 
 K = A A^T, L = B B^T on row-normalised features. For a kernel pair (X, Y), M[i, j] = 1 when j is among the
 top-k neighbours of i (self excluded) in *both* X and Y (row-wise, not symmetrised); sim(X, Y) is the

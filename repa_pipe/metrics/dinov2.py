@@ -1,4 +1,4 @@
-"""FD_DINOv2 features with dgm-eval's preprocessing (eval.md 4).
+"""FD_DINOv2 features with dgm-eval's preprocessing (https://github.com/layer6ai-labs/dgm-eval).
 
 uint8 image -> PIL bicubic resize to 224 x 224 (PIL antialiases, output rounded to uint8) -> /255 ->
 ImageNet mean/std -> model -> CLS token after the final LayerNorm (1024-d for ViT-L/14, not L2-normalised).

@@ -1,4 +1,5 @@
-"""Gaussian statistics and the Frechet distance, as ADM's evaluator computes them (eval.md 1.3, 8.3).
+"""Gaussian statistics and the Frechet distance, as ADM's evaluator computes them
+(https://github.com/openai/guided-diffusion `evaluations/evaluator.py`).
 
 FD = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrtm(S1 S2).
 """

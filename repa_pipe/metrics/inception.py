@@ -1,4 +1,5 @@
-"""ADM-compatible Inception features from torch-fidelity's TF-compatible InceptionV3 (eval.md 1.2, 2.2, 3, 8.1).
+"""ADM-compatible Inception features from torch-fidelity's TF-compatible InceptionV3, matching the TF
+graph of ADM's evaluator (https://github.com/openai/guided-diffusion `evaluations/evaluator.py`).
 
 torch-fidelity's ``FeatureExtractorInceptionV3`` ("inception-v3-compat") already does what the TF graph does
 between ``ExpandDims:0`` and the features: uint8 -> float, TF1-legacy bilinear resize to 299 (no half-pixel

@@ -1,4 +1,5 @@
-"""Inception Score as ADM's evaluator computes it (eval.md 1.4, 8.4).
+"""Inception Score as ADM's evaluator computes it
+(https://github.com/openai/guided-diffusion `evaluations/evaluator.py`).
 
 p = softmax(pool3 @ W) over 1008 classes with no bias ("logits_unbiased"). Samples are split in file order
 into contiguous chunks of ``split_size`` (5000), without shuffling: chunk k is rows [5000k, 5000k + 5000).

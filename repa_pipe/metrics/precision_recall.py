@@ -1,4 +1,5 @@
-"""Improved precision / recall (Kynkaanniemi et al. 2019) as ADM's evaluator computes it (eval.md 1.5, 7).
+"""Improved precision / recall (Kynkaanniemi et al. 2019) as ADM's evaluator computes
+it (https://github.com/openai/guided-diffusion `evaluations/evaluator.py`).
 
 - Features: Inception pool3. Reference = ADM's 10k reference images, samples = all samples.
 - Squared Euclidean distances D = max(|u|^2 - 2 u.v + |v|^2, 0).

@@ -1,4 +1,5 @@
-"""Reference statistics: ADM reference batches and our own stored npz (eval.md 1.1).
+"""Reference statistics: ADM reference batches and our own stored npz (as ADM's evaluator reads
+them: https://github.com/openai/guided-diffusion `evaluations/evaluator.py`).
 
 ADM's ``VIRTUAL_imagenet256_labeled.npz`` holds ``arr_0`` (10,000 uint8 images, used only for precision/
 recall), and precomputed ``mu`` (2048,), ``sigma`` (2048, 2048), ``mu_s`` (2023,), ``sigma_s`` (2023, 2023)

@@ -1,6 +1,7 @@
 """Latent codecs: image <-> latent posterior moments (SD-VAE, pixel identity, a tiny random VAE for tests).
 
-Conventions (docs/CONTRACTS.md "Latent moments", repa_official.md section 1):
+Conventions (docs/CONTRACTS.md "Latent moments"; the REPA reference's `preprocessing/`,
+https://github.com/sihyun-yu/REPA; docs/numerics.md point 2):
 - input images are uint8 `[B, 3, H, W]`; the VAE sees `x.float() / 127.5 - 1`;
 - `encode_moments` returns float32 `[B, 2C, H/f, W/f]` = `cat(posterior mean, posterior std)` where std is
   diffusers' `exp(0.5 * clamp(logvar, -30, 20))` (moments are stored, not samples);

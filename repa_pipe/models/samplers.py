@@ -1,4 +1,5 @@
-"""Samplers shared by training previews and evaluation (reference samplers.py, repa_official.md section 5).
+"""Samplers shared by training previews and evaluation (the REPA reference's `samplers.py`,
+https://github.com/sihyun-yu/REPA; docs/numerics.md points 13-15).
 
 - 'sde': Euler-Maruyama on t = linspace(1, 0.04, N) (float64) + [0]: N-1 stochastic steps with diffusion
   g^2 = 2t, drift d = v - (g^2/2) score(v, x, t), x += d dt + sqrt(g^2 |dt|) eps; then one deterministic step

@@ -1,6 +1,6 @@
 """SiT (DiT backbone, adaLN-Zero) with REPA projectors, numerically as the REPA reference (models/sit.py).
 
-What matches the reference (repa_official.md section 4):
+What matches the reference (https://github.com/sihyun-yu/REPA `models/sit.py`; docs/numerics.md points 6-9, 12):
 - parameter names and shapes (the official EMA checkpoint loads strictly, see `load_reference_state_dict`),
 - fixed 2-D sin-cos `pos_embed` (column index in the first half of the channels, [sin, cos] per half),
 - timestep embedding of t in [0, 1] unscaled, [cos, sin] order, 256 frequencies,

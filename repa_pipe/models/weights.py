@@ -1,9 +1,8 @@
 """Shared weight-resolution helpers for `models/`: local paths, the Hugging Face cache, a fast hub check.
 
-Policy (DESIGN.md "Weights and the network"): weights come from a local file/folder given on the command line,
-or from the local Hugging Face cache, or -- only when the hub answers quickly -- from a download. On a machine
-without network a missing weight is a `MissingWeightsError` naming the option to pass, raised within a few
-seconds: no hang, no retry loop.
+Policy: weights come from a local file/folder given on the command line, or from the local Hugging Face cache, or
+-- only when the hub answers quickly -- from a download. On a machine without network a missing weight is a
+`MissingWeightsError` naming the option to pass, raised within a few seconds: no hang, no retry loop.
 
 How "the hub is reachable" is decided (`hub_reachable`), cheapest first:
 1. `HF_HUB_OFFLINE` (read from the environment at call time, and huggingface_hub's own constant) -> offline.

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
 from repa_pipe.models.samplers import PerSampleRandn, guided_steps, model_evals, sample
 from repa_pipe.models.sit import SiT, flops_per_sample
 from repa_pipe.pipeline import hardware
-from repa_pipe.pipeline.precision import compute
+from repa_pipe.pipeline.precision import compute, resolve
+from repa_pipe.pipeline.progress import log
 
 CFG_SCALE, INTERVAL = 1.8, (0.0, 0.7)  # the paper's headline sampler
 
@@ -74,3 +75,29 @@ def bench_sampling(model: SiT, device: torch.device, precision: str, batch: int,
 
 def projected_sampling_minutes(f: SampleFigures, num_samples: int, gpus: int) -> float:
     return num_samples / (f.images_per_s * gpus) / 60
+
+
+class SamplingOptions(Protocol):
+    """The options `sampling_section` reads (`repa-pipe bench`'s config has them; it lives in training/)."""
+
+    model: str
+    sample_precision: str
+    sample_batch_size: int
+    sample_measure_steps: int
+    sample_steps: int
+    num_samples: int
+    gpus: int
+
+
+def sampling_section(model: SiT, opts: SamplingOptions, device: torch.device, peak: Optional[float]) -> dict[str, Any]:
+    """`repa-pipe bench`'s sampling figures for `model` (already on `device`) with the projected sample-eval
+    minutes, logged as one line."""
+    s = bench_sampling(model, device, resolve(opts.sample_precision, device, "sample"), opts.sample_batch_size,
+                       opts.sample_measure_steps, opts.sample_steps, peak)
+    minutes = projected_sampling_minutes(s, opts.num_samples, opts.gpus)
+    log(f"sample {opts.model} batch {s.batch} {s.precision}: {s.rows_per_s:,.1f} rows/s, {s.schedule}: "
+        f"{s.images_per_s:,.2f} img/s ({s.rows_per_image} rows per image), {s.tflops_per_s:,.1f} TFLOP/s, "
+        + (f"MFU {100 * s.mfu:.1f}%" if s.mfu is not None else "MFU n/a")
+        + f", peak memory {s.peak_memory_gib:,.2f} GiB; {opts.num_samples:,} samples on {opts.gpus} GPU(s) ~ "
+        f"{minutes:,.1f} min")
+    return {**s.to_json(), "projected_minutes": minutes}

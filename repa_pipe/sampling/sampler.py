@@ -20,13 +20,13 @@ from repa_pipe.models.samplers import PerSampleRandn, sample
 from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.fileio import atomic_write_json, read_json
+from repa_pipe.pipeline.images import Decoder
 from repa_pipe.pipeline.precision import compute, resolve
 from repa_pipe.pipeline.progress import Tracker, log
 from repa_pipe.pipeline.seeding import sample_seed
 from repa_pipe.pipeline.signals import StopOnSignal, Stopped
 from repa_pipe.sampling import shards
 from repa_pipe.sampling.config import SampleEvalConfig, parse_interval
-from repa_pipe.sampling.decode import Decoder
 
 
 @dataclass

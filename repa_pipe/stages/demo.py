@@ -31,9 +31,9 @@ from repa_pipe.demo.judge import Judge
 from repa_pipe.demo.ssl import train_ssl_encoder
 from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig
 from repa_pipe.pipeline import dist
+from repa_pipe.pipeline.config import to_dict
 from repa_pipe.pipeline.errors import BadInputError
 from repa_pipe.pipeline.fileio import atomic_write_json, read_json
-from repa_pipe.pipeline.config import to_dict
 from repa_pipe.pipeline.progress import Tracker, console, human_duration, log
 from repa_pipe.sampling.config import SampleEvalConfig
 from repa_pipe.stages import encode_features, encode_latents, sample_eval, train

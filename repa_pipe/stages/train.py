@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from repa_pipe.cache.manifest import TrainingView
+from repa_pipe.pipeline.images import Decoder
 from repa_pipe.pipeline.progress import log
-from repa_pipe.sampling.decode import Decoder, choose_decoder, make_decoder
+from repa_pipe.sampling.decode import choose_decoder, make_decoder
 from repa_pipe.training.config import TrainConfig
 from repa_pipe.training.session import train
 
