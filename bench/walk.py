@@ -1,4 +1,4 @@
-"""The config walk (issue 14): the modules a command's config passes through, from the stage to the step.
+"""The config walk: the modules a command's config passes through, from the stage to the step.
 
     python bench/walk.py            # prints the train and sample-eval walks
 

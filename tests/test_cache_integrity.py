@@ -1,4 +1,4 @@
-"""Issue 8, proven through the real CLI: the cache is a typed contract that never loses or silently serves bad data.
+"""Proven through the real CLI: the cache is a typed contract that never loses or silently serves bad data.
 
   a. many writers: both encode stages at once into one cache (manifest reads slowed down) lose nothing; a second
      writer of the same array is refused naming the holder; running the finished command again is a no-op.

@@ -1,10 +1,26 @@
-"""Hostile and careless inputs (issue 17), the run's share: each case is refused with one red line naming the path
-or option, exit 1, and nothing already written is lost. Numbered as in the issue.
+"""Hostile and careless inputs to train, export, sample-eval's checkpoint and the run folder: each case is refused
+with one red line naming the path or option, exit 1, and nothing already written is lost. The cases, by the number
+in the test names:
+
+ 1. export targets: a run's checkpoints or any file of a run or a cache, a non-regular file, a missing folder, a
+    name not ending in .safetensors, the input itself, a broken link, an existing file that is no earlier export
+ 3. one run, one train: a second train on a run folder in use is refused naming the first; the run's lock is
+    RUN/.train.lock, not the cache's `.lock`
+ 5. a checkpoint that is not one: one line, never torch's advice to load it with weights_only=False; a safetensors
+    file is told by its header, whatever its suffix
+ 6. --ckpt with digits that are not ASCII (a '²') is a file name, not a step
+ 7. --run-dir a cache, inside one, or an existing file
+ 9. resume on another cache
+10. a damaged checkpoint with the right format tag (a missing or non-fitting entry, a non-integer step, a format
+    field that is no tag), seeds, non-finite options
+11. a truncated newest checkpoint names the intact one and the (quoted) command to go on from it
 
 CPU only, offline, one torch thread; tiny SiT-T/2 runs on synthetic caches written by the real cache writer.
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -13,37 +29,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from fixtures import invoke, ok
-from train_fixtures import CacheOpts, make_cache
+from train_fixtures import CacheOpts, make_cache, train_args
 
 from repa_pipe.pipeline import checkpoint
 from repa_pipe.training.guard import NonFiniteGuard, NonFiniteLossError
+from repa_pipe.run.checkpoint import load as load_checkpoint
 from repa_pipe.training.session import run_lock
 
-TINY_ARGS = ["--model", "SiT-T/2", "--encoder-depth", "2", "--projector-dim", "16", "--global-batch-size", "8",
-             "--lr", "1e-3", "--log-every", "1", "--sample-every", "0", "--precision", "fp32", "--loader-threads", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread, set before the module's fixtures run
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return make_cache(tmp_path_factory.mktemp("hostile") / "cache")
-
-
-@pytest.fixture(scope="module")
-def trained_run(cache) -> Path:
-    """2 steps, a checkpoint after each."""
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny cache (RUN/../cache) and a run of 2 steps on it, a checkpoint after each."""
+    cache = make_cache(tmp_path_factory.mktemp("hostile") / "cache")
     run = cache.parent / "run"
     ok(train_args(cache, run, 2, "--ckpt-every", "1"))
     return run
 
 
-def train_args(cache: Path, run: Path, steps: int, *extra: str) -> list:
-    return ["train", "--cache", cache, "--run-dir", run, "--encoder", "dinov2-b", "--steps", steps, *TINY_ARGS, *extra]
+@pytest.fixture(scope="module")
+def cache(trained_run) -> Path:
+    return trained_run.parent / "cache"
 
 
 def error_line(result) -> str:
@@ -93,6 +102,51 @@ def test_1_export_into_a_missing_folder_is_refused_and_nothing_created(trained_r
     assert not (tmp_path / "no").exists()
 
 
+def test_1_export_onto_a_file_of_the_run_or_the_cache_is_refused_and_the_file_kept(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    cache = trained_run.parent / "cache"
+    for target, where in ((run / "config.json", f"inside run {run}"), (run / "ema.safetensors", f"inside run {run}"),
+                          (cache / "manifest.json", f"inside the cache {cache}"),
+                          (cache / "index" / "ema.safetensors", f"inside the cache {cache}")):
+        before = sha(target) if target.exists() else None
+        line = error_line(invoke(["export", run, target]))
+        assert str(target) in line and where in line
+        assert (sha(target) if target.exists() else None) == before
+
+
+def test_1_export_onto_a_checkpoint_or_a_foreign_file_is_refused_and_the_file_kept(trained_run, tmp_path):
+    ck = tmp_path / "ck.pt"
+    shutil.copy(checkpoint.ckpt_path(trained_run, 2), ck)
+    other = tmp_path / "model.safetensors"  # someone else's safetensors file
+    save_file({"w": torch.zeros(2)}, other)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    kept = {p: sha(p) for p in (ck, other, notes)}
+    for args, expect in (([ck, ck], "not a .safetensors file name"), ([ck, notes], "not a .safetensors file name"),
+                         ([trained_run, other], "exists and is not a repa-pipe export")):
+        line = error_line(invoke(["export", *args]))
+        assert str(args[1]) in line and expect in line
+    assert {p: sha(p) for p in kept} == kept
+
+
+def test_1_export_replaces_an_earlier_export_but_never_its_own_input(trained_run, tmp_path):
+    out = tmp_path / "ema.safetensors"
+    ok(["export", checkpoint.ckpt_path(trained_run, 1), out])
+    ok(["export", trained_run, out])  # an earlier export is replaced
+    assert load_checkpoint(out).step == 2
+    before = sha(out)
+    line = error_line(invoke(["export", out, out]))
+    assert f"{out}: the same file as the input" in line and sha(out) == before
+
+
+def test_1_export_onto_a_broken_link_is_refused_and_the_link_kept(trained_run, tmp_path):
+    link = tmp_path / "ema.safetensors"
+    link.symlink_to(tmp_path / "gone" / "ema.safetensors")
+    line = error_line(invoke(["export", trained_run, link]))
+    assert str(link) in line and "a broken symbolic link" in line
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
 # ------------------------------------------------------------------------------------------------ 3. one run, one train
 def test_3_a_second_train_on_a_run_folder_in_use_is_refused_naming_the_holder(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
@@ -104,6 +158,65 @@ def test_3_a_second_train_on_a_run_folder_in_use_is_refused_naming_the_holder(tr
     assert {p.name: sha(p) for p in (run / "checkpoints").iterdir()} == before
     assert (run / "metrics.jsonl").read_text() == metrics
     ok(train_args(trained_run.parent / "cache", run, 3))  # released with its holder: the run goes on
+
+
+def test_3_the_run_lock_is_not_the_cache_lock_and_an_old_one_is_ignored(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    (run / ".lock").write_text("left by repa-pipe 0.3\n")  # the old name of the run's lock: never read
+    with run_lock(run):
+        assert (run / ".train.lock").is_file()
+        fd = os.open(run / ".lock", os.O_RDWR)  # the cache's lock file name (CACHE/.lock) is free: no wait on it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    ok(train_args(trained_run.parent / "cache", run, 3))
+    assert (run / ".lock").read_text() == "left by repa-pipe 0.3\n"
+
+
+# ------------------------------------------------------------------------------------------------ 5. not a checkpoint
+def test_5_a_pickle_the_weights_only_loader_refuses_is_one_line_without_torchs_advice(trained_run, tmp_path):
+    bad = tmp_path / "x.pt"
+    torch.save({"ema": {"w": torch.zeros(1)}, "when": datetime.date(2020, 1, 1)}, bad)
+    line = error_line(invoke(["sample-eval", "--ckpt", bad, "--out", tmp_path / "out", "--num-samples", "2"]))
+    assert f"{bad}: not a readable checkpoint (it holds objects other than tensors and plain values" in line
+    assert "datetime.date was not an allowed global" in line
+    assert "weights_only" not in line and "False" not in line and "safe_globals" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_5_a_safetensors_file_is_told_by_its_header_not_its_suffix(trained_run, tmp_path):
+    out = tmp_path / "ema.safetensors"
+    ok(["export", trained_run, out])
+    renamed = tmp_path / "ema.pt"
+    shutil.copy(out, renamed)
+    ck = load_checkpoint(renamed)
+    assert ck.kind == "safetensors" and ck.step == 2
+    cut = tmp_path / "cut.safetensors"  # a header cut short: neither kind, one line
+    cut.write_bytes(out.read_bytes()[:100])
+    line = error_line(invoke(["sample-eval", "--ckpt", cut, "--out", tmp_path / "out", "--num-samples", "2"]))
+    assert f"{cut}: not a readable safetensors file" in line
+
+
+# ------------------------------------------------------------------------------------------------ 6. --ckpt digits
+def test_6_a_ckpt_of_non_ascii_digits_is_a_file_name(trained_run, tmp_path):
+    line = error_line(invoke(["sample-eval", "--run-dir", trained_run, "--ckpt", "\u00b2", "--out", tmp_path / "out",
+                              "--num-samples", "2"]))
+    assert "--ckpt \u00b2: no such file" in line
+
+
+# ------------------------------------------------------------------------------------------------ 7. --run-dir
+def test_7_a_run_dir_that_is_a_cache_or_inside_one_or_a_file_is_refused(trained_run, tmp_path):
+    cache = trained_run.parent / "cache"
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    for run, expect in ((cache, "a cache"), (cache / "runs" / "r1", f"inside the cache {cache}")):
+        line = error_line(invoke(train_args(cache, run, 1)))
+        assert f"--run-dir {run}: {expect}" in line
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    line = error_line(invoke(train_args(cache, afile, 1)))
+    assert f"--run-dir {afile}: not a folder" in line and afile.read_text() == "x\n"
 
 
 # ------------------------------------------------------------------------------------------------ 9. another cache
@@ -172,14 +285,48 @@ def test_10_the_non_finite_loss_hint_names_proj_coeff():
         guard.check(None, Path("cache"))
 
 
+def _bad_ema(d: dict) -> None:
+    d["ema"] = dict(d["ema"])
+    d["ema"]["pos_embed"] = torch.zeros(1, 3, 5)  # another shape than the model's
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda d: d.update(rng={}), "its 'rng' entry does not fit (KeyError: 'torch')"),
+    (lambda d: d.update(opt={}), "its 'opt' entry does not fit (KeyError: 'param_groups')"),
+    (lambda d: d.update(model={}), "its 'model' entry is empty"),
+    (_bad_ema, "its 'ema' entry does not fit (RuntimeError: Error(s) in loading state_dict for SiT: size mismatch for "
+               "pos_embed"),
+])
+def test_10_resuming_from_a_checkpoint_with_a_part_that_does_not_fit_is_one_line_with_the_way_on(
+        trained_run, tmp_path, damage, expect):
+    run = copy_run(trained_run, tmp_path / "run")
+    newest = checkpoint.ckpt_path(run, 2)
+    d = torch.load(newest, weights_only=True)
+    damage(d)
+    torch.save(d, newest)
+    line = error_line(invoke(train_args(trained_run.parent / "cache", run, 3)))
+    assert f"{newest}: damaged" in line and expect in line
+    assert f"newest intact checkpoint is {checkpoint.ckpt_path(run, 1)} (step 1)" in line
+    assert checkpoint.latest(run) == newest
+
+
+def test_10_a_format_field_that_is_no_tag_is_a_damaged_checkpoint(trained_run, tmp_path):
+    d = torch.load(checkpoint.ckpt_path(trained_run, 2), weights_only=True)
+    d["format"] = 3
+    bad = tmp_path / "bad.pt"
+    torch.save(d, bad)
+    line = error_line(invoke(["sample-eval", "--ckpt", bad, "--out", tmp_path / "out", "--num-samples", "2"]))
+    assert f"{bad}: damaged checkpoint: its format field is 3 (int)" in line
+
+
 # ------------------------------------------------------------------------------------------------ 11. truncated checkpoint
 def test_11_a_truncated_newest_checkpoint_names_the_intact_one_and_the_way_on(trained_run, tmp_path):
-    run = copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "my run")  # a space: the command in the hint is quoted for a shell
     newest, intact = checkpoint.ckpt_path(run, 2), checkpoint.ckpt_path(run, 1)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     line = error_line(invoke(train_args(trained_run.parent / "cache", run, 3)))
     assert str(newest) in line and f"newest intact checkpoint is {intact} (step 1)" in line
-    assert f"mv {newest} {newest}.damaged" in line
+    assert f"mv '{newest}' '{newest}.damaged'" in line
     newest.rename(newest.with_name(newest.name + ".damaged"))  # as the line says
     result = ok(train_args(trained_run.parent / "cache", run, 3))
     assert f"resumed from {intact} at step 1" in result.stderr

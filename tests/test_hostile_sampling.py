@@ -1,11 +1,11 @@
-"""Hostile and careless sample-eval / encode-features inputs (issue 17, the cases of this area), each refused with
-one line naming the option or folder, before anything is written:
+"""Hostile and careless sample-eval / encode-features inputs, each refused with one line naming the option or
+folder, before anything is written:
 
-- 4: two sample-evals on one --out: the second is refused naming the first (pid, host, command), and the
-  folder's settings are checked before any shard is written;
-- 7: --cfg-scale inf, nan or below 1 (the sampler guides only for w > 1, so those would be recorded but sample
+- two sample-evals on one --out: the second is refused naming the first (pid, host, command), and the folder's
+  settings are checked before any shard is written;
+- --cfg-scale inf, nan or below 1 (the sampler guides only for w > 1, so those would be recorded but sample
   black images or unguided ones), and --heun with --mode sde (Heun is an ODE correction);
-- 10: --seed -1 or over 2^64 - 1, and encode-features --grid 1000 (a 14,000 px encoder input) refused before any
+- --seed -1 or over 2^64 - 1, and encode-features --grid 1000 (a 14,000 px encoder input) refused before any
   allocation.
 """
 from __future__ import annotations

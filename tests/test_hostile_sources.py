@@ -1,13 +1,16 @@
-"""Hostile inputs at the image source (issue 17), one test per case; each refusal is one line naming the path or
-option, exit 1, with nothing written. Read as the list of cases:
+"""Hostile inputs at the image source (links, special files, odd names, patterns, huge members, `pipe:` spools),
+one test per case; each refusal is one line naming the path or option, exit 1, with nothing written. Read as the
+list of cases (the number is that of the test names):
 
  5. symlink loops and escapes in an ImageFolder: no symlinked folder is followed unless --follow-links, and then
     no real folder twice; no link leads outside the source root unless --follow-links; each skip is said
  6. special files: a link to /dev/zero named .png, a FIFO named .png, a file swapped for a FIFO after listing are
     never read (checked before opening, opened non-blocking); a byte cap per image (--max-image-mb)
  8. names with \\n, \\r or U+2028 (file, class folder, tar member) are refused at listing, before anything is written
-10. a non-UTF-8 file name is one line and leaves nothing behind; an ImageFolder whose path holds '{' is a folder
+10. a non-UTF-8 file name is one line showing its bytes (\\xe9) and leaves nothing behind; an ImageFolder whose path
+    holds '{' is a folder, and a missing one is "no such file or directory", not a pattern of no shards
 11. a 2 GB (sparse) tar member is refused from its header, never read: one line naming the tar and the member
+12. two `pipe:` commands that give the same tar name never reuse each other's spooled tar
 """
 from __future__ import annotations
 
@@ -193,7 +196,8 @@ def test_10_non_utf8_file_name_is_one_line_and_leaves_nothing_behind(tmp_path: P
     with open(os.path.join(os.fsencode(root / "a"), b"caf\xe9.png"), "wb") as f:
         f.write(png_bytes(rand_rgb(9, 9, 5)))
     cache = tmp_path / "cache"
-    refused(encode(root, cache), f"{root}/a/caf\\udce9.png: the file or folder name is not valid UTF-8")
+    line = refused(encode(root, cache), f"{root}/a/caf\\xe9.png: the file or folder name is not valid UTF-8")
+    assert "udce9" not in line  # the byte as it is on disk, not Python's surrogate escape
     nothing_written(cache)
     assert not (cache / "locks").exists()
 
@@ -206,6 +210,23 @@ def test_10_imagefolder_path_with_a_brace_is_a_folder(tmp_path: Path):
     tars = tmp_path / "t{x}"
     write_tar(tars / "s.tar", [("k.png", png_bytes(rand_rgb(9, 9, 6))), ("k.cls", b"0")])
     assert open_source(str(tars)).kind == "webdataset" and open_source(str(tars / "s.tar")).keys == ["s.tar/k"]
+
+
+@pytest.mark.parametrize("name", ["imgs{1}", "my{imgs", "my{imgs}/sub"])
+def test_10_a_missing_path_with_a_brace_is_no_such_file(tmp_path: Path, name: str):
+    missing = tmp_path / name
+    with pytest.raises(BadInputError, match=r"no such file or directory"):
+        open_source(str(missing))
+    refused(encode(missing, tmp_path / "c"), f"{missing}: no such file or directory")
+    nothing_written(tmp_path / "c")
+
+
+def test_10_a_pattern_matching_nothing_says_so(tmp_path: Path):
+    with pytest.raises(BadInputError, match=r"no such file or directory, and as a pattern it matches no file"):
+        open_source(str(tmp_path / "{train,val}"))
+    (tmp_path / "a.jpg").write_bytes(png_bytes(rand_rgb(9, 9, 1)))  # a pattern of files that are not shards
+    with pytest.raises(BadInputError, match=r"a pattern must name only \.tar files or only \.parquet files"):
+        open_source(str(tmp_path / "*.jpg"))
 
 
 # ------------------------------------------------------------------------------------ 11. huge tar member
@@ -236,3 +257,18 @@ def test_11_a_2gb_tar_member_is_refused_from_its_header(tmp_path: Path):
         src.read(0)  # from the header: nothing is read
     assert np.asarray(src.read(1)).shape == (9, 9, 3)
     refused(encode(tar, tmp_path / "c"), f"{tar}/big.png: tar member of 2147483648 bytes, over the per-image cap")
+
+
+# ------------------------------------------------------------------------------------ 12. pipe: spool
+@pytest.mark.parametrize("tail", ["shard-0000.tar", "shard-0000.ta[r]"])  # the second has no .tar word: pipe-000000.tar
+def test_12_two_pipe_commands_with_one_tar_name_never_share_a_spooled_tar(tmp_path: Path, tail: str):
+    spool = tmp_path / "spool"
+    images = {}
+    for k, bucket in enumerate(("a", "b")):  # two buckets holding a shard of the same name and member names
+        images[bucket] = [png_bytes(rand_rgb(9, 9, 10 * k + j)) for j in range(2)]
+        write_tar(tmp_path / bucket / "shard-0000.tar",
+                  [(f"{j}.png", b) for j, b in enumerate(images[bucket])] + [(f"{j}.cls", b"0") for j in range(2)])
+    for bucket in ("a", "b"):
+        src = open_source(f"pipe:cat {tmp_path / bucket}/{tail}", opts=SourceOptions(spool=str(spool)))
+        assert [src.read_bytes(i) for i in range(len(src))] == images[bucket], bucket
+    assert len(list(spool.glob("*/*.tar"))) == 2

@@ -1,4 +1,4 @@
-"""The sources people have besides an ImageFolder (issue 15, item 3): Hugging Face parquet shards in the
+"""The sources people have besides an ImageFolder: Hugging Face parquet shards in the
 ILSVRC/imagenet-1k layout, the timm/imagenet-1k-wds tar layout, `pipe:` streams; sample indices that stay put
 across runs and world sizes; the same ADM crop whichever source the bytes came from.
 
@@ -225,14 +225,14 @@ def test_pipe_source_spools_each_shard_once(tmp_path: Path):
     assert isinstance(src, WebDatasetSource) and src.root == spec
     assert src.keys == local.keys and src.labels.tolist() == local.labels.tolist()
     assert src.dataset().same_images(local.dataset()) is None
-    assert sorted(p.name for p in spool.iterdir()) == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"]
+    assert sorted(p.name for p in spool.glob("*/*.tar")) == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"]
     for i in range(len(src)):
         assert src.read_bytes(i) == local.read_bytes(i)
     # Spooled tars are reused: the command is not run again (here it would now fail).
-    stamp = {p.name: p.stat().st_mtime_ns for p in spool.iterdir()}
+    stamp = {p.name: p.stat().st_mtime_ns for p in spool.glob("*/*.tar")}
     (d / "imagenet1k-train-0000.tar").unlink()
     again = open_source(spec, opts=SourceOptions(spool=str(spool)))
-    assert again.keys == src.keys and stamp == {p.name: p.stat().st_mtime_ns for p in spool.iterdir()}
+    assert again.keys == src.keys and stamp == {p.name: p.stat().st_mtime_ns for p in spool.glob("*/*.tar")}
     # A failing command names itself and its status; nothing half-written is left in the spool.
     with pytest.raises(BadInputError, match=r"pipe:cat .*imagenet1k-train-0000\.tar: the command exited with status 1"):
         open_source(f"pipe:cat {d}/imagenet1k-train-0000.tar", opts=SourceOptions(spool=str(tmp_path / "s2")))
@@ -249,7 +249,7 @@ def test_pipe_source_without_spool_uses_a_temporary_folder_removed_at_exit(tmp_p
     assert p.returncode == 0, p.stderr
     spooled, facts = p.stdout.splitlines()
     assert facts == "3 ffd8"  # three samples, JPEG bytes
-    assert not Path(spooled).exists() and not Path(spooled).parent.exists()
+    assert not Path(spooled).exists() and not Path(spooled).parent.parent.exists()  # spool/<command hash>/NAME.tar
 
 
 # ---------------------------------------------------------------------------- one image, any source, one crop
@@ -352,7 +352,7 @@ def test_pipe_source_encodes_like_the_local_tars_and_keeps_its_spool(tmp_path: P
     np.testing.assert_array_equal(read_array(tmp_path / "local", "latents/pixel"),
                                   read_array(tmp_path / "piped", "latents/pixel"))
     assert tree(tmp_path / "local", "index") == tree(tmp_path / "piped", "index")
-    assert sorted(p.name for p in spool.iterdir()) == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"]
+    assert sorted(p.name for p in spool.glob("*/*.tar")) == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"]
 
 
 def test_unlabeled_parquet_split_encodes_as_one_class(tmp_path: Path):

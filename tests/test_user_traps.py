@@ -1,4 +1,4 @@
-"""Issue 7, replayed: each trap a new user's first trial fell into, run through the real CLI, with its new outcome.
+"""The traps a new user's first trial fell into, replayed through the real CLI, each with its new outcome.
 
 1. a run folder is self-contained and portable     6. SIGTERM / SIGINT stop cleanly; the same command resumes
 2. torchrun needs no `--`                              exactly (train, sample-eval, encode)
@@ -38,10 +38,8 @@ from repa_pipe.sampling import session as sampling_session
 from repa_pipe.sampling.decode import choose_decoder
 from repa_pipe.run.record import locate_cache, read_record
 from repa_pipe.training.config import TrainConfig, encoder_depth_for
-from train_fixtures import SD_SCALE, CacheOpts, Latents, assert_states_equal, make_cache
+from train_fixtures import SD_SCALE, CacheOpts, Latents, assert_states_equal, make_cache, train_args
 
-TINY_ARGS = ["--model", "SiT-T/2", "--encoder-depth", "2", "--projector-dim", "64", "--global-batch-size", "8",
-             "--lr", "1e-3", "--log-every", "1", "--sample-every", "0", "--precision", "fp32", "--loader-threads", "1"]
 SAMPLE_ARGS = ["--num-samples", "4", "--num-steps", "2", "--batch-size", "4", "--shard-size", "4"]
 STOP_LINE = "; run the same command to resume"
 
@@ -66,10 +64,6 @@ def trained_run(cache) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def train_args(cache, run, steps: int, *extra, encoder: str = "dinov2-b") -> list:
-    return ["train", "--cache", cache, "--run-dir", run, "--encoder", encoder, "--steps", steps, *TINY_ARGS, *extra]
-
-
 def lines_of(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 

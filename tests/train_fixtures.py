@@ -19,6 +19,15 @@ from repa_pipe.pipeline.hashing import sha256_int64
 
 SD_SCALE = 0.18215
 
+# A tiny SiT-T/2 + REPA run that trains in a second on a CPU (the modules that run `train` through the CLI share it).
+TINY_ARGS = ["--model", "SiT-T/2", "--encoder-depth", "2", "--projector-dim", "64", "--global-batch-size", "8",
+             "--lr", "1e-3", "--log-every", "1", "--sample-every", "0", "--precision", "fp32", "--loader-threads", "1"]
+
+
+def train_args(cache, run, steps: int, *extra, encoder: str = "dinov2-b") -> list:
+    """The `train` command of a tiny run on `cache` into `run`, to `steps`, with `extra` options."""
+    return ["train", "--cache", cache, "--run-dir", run, "--encoder", encoder, "--steps", steps, *TINY_ARGS, *extra]
+
 
 @dataclass(frozen=True)
 class Latents:

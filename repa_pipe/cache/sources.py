@@ -6,6 +6,7 @@ sources_webdataset.py, sources_parquet.py; import everything from here. This mod
 """
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +57,7 @@ def open_source(spec: str | os.PathLike, num_classes: int | None = None,
     if not p.exists():
         if not is_pattern(spec):
             raise BadInputError(f"{spec}: no such file or directory")
-        from webdataset.shardlists import expand_urls  # webdataset's own pattern expansion, as in a pipeline
-
-        suffixes = {Path(u).suffix.lower() for u in expand_urls(spec)}
-        if len(suffixes) != 1 or next(iter(suffixes)) not in _SHARD_KINDS:
-            raise BadInputError(f"{spec}: a pattern must name only .tar files or only .parquet files")
-        return _SHARD_KINDS[suffixes.pop()](spec, num_classes, opts)
+        return _open_pattern(spec, num_classes, opts)
     if p.is_file():
         cls = _SHARD_KINDS.get(p.suffix.lower())
         if cls is None:
@@ -78,6 +74,24 @@ def open_source(spec: str | os.PathLike, num_classes: int | None = None,
                                 "pattern or a folder of only shards) or at an ImageFolder")
         return _SHARD_KINDS[kinds.pop()](spec, num_classes, opts)
     return ImageFolderSource(spec, num_classes, opts)
+
+
+def _open_pattern(spec: str, num_classes: int | None, opts: SourceOptions) -> ImageSource:
+    """A missing path that looks like a pattern: shards of one kind, else one line saying what is wrong, "no such
+    file or directory" when the spec is no pattern of shards and names nothing (a mistyped folder with a '{')."""
+    from webdataset.shardlists import expand_urls  # webdataset's own pattern expansion, as in a pipeline
+
+    try:
+        urls = expand_urls(spec)
+    except ValueError:  # braceexpand's UnbalancedBracesError: a path with a stray '{', not a pattern
+        urls = []
+    suffixes = {Path(u).suffix.lower() for u in urls}
+    if len(suffixes) == 1 and next(iter(suffixes)) in _SHARD_KINDS:
+        return _SHARD_KINDS[suffixes.pop()](spec, num_classes, opts)
+    if not any(glob.glob(os.path.expanduser(u)) for u in urls):
+        raise BadInputError(f"{spec}: no such file or directory" + (", and as a pattern it matches no file" if urls
+                                                                    and urls != [spec] else ""))
+    raise BadInputError(f"{spec}: a pattern must name only .tar files or only .parquet files")
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:

@@ -25,7 +25,6 @@ import io
 import operator
 import os
 import re
-import stat
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -37,6 +36,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from repa_pipe.cache.manifest import Dataset
 from repa_pipe.cache.source_options import SourceOptions
 from repa_pipe.pipeline.errors import BadInputError
+from repa_pipe.pipeline.fileio import not_regular
 from repa_pipe.pipeline.hashing import hash_lines, sha256_int64
 
 # Lower-case file extensions (ImageFolder) and WebDataset member suffixes that count as images.
@@ -45,21 +45,10 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(e[1:] for e in IMAGE_EXTENSIONS)
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
+
 def over_cap(size: int, cap: int) -> str | None:
     """The reason for an image of `size` bytes over the per-image cap, else None."""
     return None if size <= cap else f"{size} bytes, over the per-image cap of {cap} bytes (--max-image-mb)"
-
-
-_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
-
-
-def not_regular(mode: int) -> str | None:
-    """The reason a file of st_mode `mode` is refused as an image, None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-    return f"not a regular file ({kind})"
 
 
 def read_regular_file(path: str, max_bytes: int) -> bytes:
@@ -114,9 +103,17 @@ def check_names(names: Sequence[str], where: Callable[[int], str], what: str = "
                         "UTF-8 in the cache's index/keys.txt)")
 
 
+def _escaped(c: str) -> str:
+    """One character that cannot be printed as it is: a byte that was not UTF-8 (os gives it back as a surrogate
+    escape) as that byte, `\\xff`; anything else as Python escapes it (`\\n`, `\\u2028`)."""
+    if "\udc80" <= c <= "\udcff":
+        return repr(os.fsencode(c))[2:-1]
+    return ascii(c)[1:-1]
+
+
 def shown(path: str) -> str:
     """A path for a one-line message: line breaks and undecodable bytes escaped, the rest as it is."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in path)
+    return "".join(c if c.isprintable() else _escaped(c) for c in path)
 
 
 def is_pattern(spec: str) -> bool:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from repa_pipe.cache.sources_base import (IMAGE_EXTENSIONS, ImageSource, SourceOptions, check_names, not_regular,
+from repa_pipe.cache.sources_base import (IMAGE_EXTENSIONS, ImageSource, SourceOptions, check_names,
                                           read_regular_file, shown)
 from repa_pipe.pipeline.errors import BadInputError
+from repa_pipe.pipeline.fileio import not_regular
 
 
 @dataclass

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -33,6 +35,13 @@ def _pipe_name(url: str, n: int) -> str:
     return os.path.basename(words[-1]) if words else f"pipe-{n:06d}.tar"
 
 
+def _pipe_folder(url: str) -> str:
+    """The spool sub-folder of one expanded `pipe:` command: the first 16 hex digits of the sha256 of the whole
+    command. Two commands that give the same tar name (two buckets, two caches sharing a --spool) then never reuse
+    each other's tar, while the tar keeps its name (the first part of every key)."""
+    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def _temp_spool() -> str:
     d = tempfile.mkdtemp(prefix="repa-pipe-spool-")
     pid = os.getpid()
@@ -44,9 +53,9 @@ def _temp_spool() -> str:
 def spool_pipe_shards(spec: str, spool: str | None) -> list[Path]:
     """Run each expanded `pipe:` command of `spec` once, its standard output copied into a tar in `spool`.
 
-    A tar already in the spool is reused (a resumed run, the second encode stage): it was moved there only after
-    its command succeeded. A failing command is a BadInputError naming it, its exit status and its last error
-    line."""
+    Each command's tar lies in `spool/<sha256 of the command>/<tar name>`. A tar already there is reused (a resumed
+    run, the second encode stage): it was moved there only after that same command succeeded. A failing command is
+    a BadInputError naming it, its exit status and its last error line."""
     from webdataset.shardlists import expand_urls
 
     urls = expand_urls(spec)
@@ -61,10 +70,11 @@ def spool_pipe_shards(spec: str, spool: str | None) -> list[Path]:
         raise BadInputError(f"{folder}: cannot create the spool folder ({e.strerror or e}) (--spool)") from None
     out = []
     for url, name in zip(urls, names):
-        dest = folder / name
+        dest = folder / _pipe_folder(url) / name
         if not dest.is_file():
-            part = folder / f".{name}.{os.getpid()}.part"
+            part = dest.parent / f".{name}.{os.getpid()}.part"
             try:
+                dest.parent.mkdir(exist_ok=True)
                 with open(part, "wb") as f:
                     p = subprocess.run(url[len("pipe:"):], shell=True, stdout=f, stderr=subprocess.PIPE,
                                        stdin=subprocess.DEVNULL)
@@ -77,6 +87,9 @@ def spool_pipe_shards(spec: str, spool: str | None) -> list[Path]:
                 raise BadInputError(f"{dest}: cannot write the spooled tar ({e.strerror or e}) (--spool)") from None
             finally:
                 part.unlink(missing_ok=True)
+                if not dest.is_file():  # a failed command leaves no empty folder behind
+                    with contextlib.suppress(OSError):
+                        dest.parent.rmdir()
         out.append(dest)
     return out
 
@@ -155,7 +168,8 @@ class WebDatasetSource(ImageSource):
     - `pipe:CMD` sources (webdataset's form, e.g. 'pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -'): each
       expanded command's output is copied once into the spool folder (opts.spool, else a temporary folder removed
       at exit) and indexed there as a local tar, since encoding reads samples by index. A spooled tar found
-      complete is reused. The tar's name is the command's last word ending in .tar (else pipe-<n>.tar).
+      complete is reused, by the same command only (each command's tar lies in a sub-folder named by its hash).
+      The tar's name is the command's last word ending in .tar (else pipe-<n>.tar).
     - The layout of timm/imagenet-1k-wds (KEY.jpg + KEY.cls + KEY.json) is this one: the .json is ignored.
     """
 

@@ -115,7 +115,22 @@ def load(path: str | Path) -> Any:
                 raise
             return torch.load(path, weights_only=True, map_location="cpu")  # a legacy-format file
     except Exception as e:  # a foreign or corrupt file: say which file, not a pickle traceback
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_why(e)})") from None
+
+
+def _why(e: Exception) -> str:
+    """One line for a failed torch.load: the first line of its message, and for a file the weights-only
+    unpickler refused, what it met, without torch's advice to load with weights_only=False or to allowlist the
+    class (either runs whatever code the file holds: repa-pipe never does that)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        after = text.partition("WeightsUnpickler error:")[2]
+        what = next((line.strip() for line in after.splitlines() if line.strip()), "")
+        what = what.split(". ")[0].rstrip(".")  # what it met, not how to allowlist it
+        return ("it holds objects other than tensors and plain values, which repa-pipe does not unpickle"
+                + (f": {what}" if what else ""))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def prune(run: Path, keep: int) -> None:

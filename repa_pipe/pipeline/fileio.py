@@ -1,11 +1,26 @@
-"""Atomic, durable file writes: temp file in the same folder, fsync, rename, fsync of the folder."""
+"""Atomic, durable file writes (temp file in the same folder, fsync, rename, fsync of the folder), and what kind of
+file a path is, told before anything opens it."""
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(mode: int) -> str | None:
+    """Why a file of st_mode `mode` is not one to read or replace ("not a regular file (a FIFO)"), None for a
+    regular file. Opening a device or a FIFO can block or have effects; replacing one by rename swaps the node."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"not a regular file ({kind})"
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -116,6 +118,10 @@ def _train_checkpoint(d: dict[str, Any], path: Path) -> Checkpoint:
         if not isinstance(d.get(key), kind):
             raise CheckpointError(f"{path}: damaged {fmt} checkpoint: its {key!r} entry is "
                                   f"{'missing' if key not in d else type(d[key]).__name__}")
+    for key in ("model", "ema"):
+        if not d[key] or not all(isinstance(v, torch.Tensor) for v in d[key].values()):
+            raise CheckpointError(f"{path}: damaged {fmt} checkpoint: its {key!r} entry is "
+                                  f"{'empty' if not d[key] else 'not a dict of tensors'}")
     step = d.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: damaged {fmt} checkpoint: 'step' is {step!r}, not a step number")
@@ -141,6 +147,39 @@ def _reference(obj: Any, path: Path) -> Checkpoint:
     raise CheckpointError(f"{path}: neither a repa-pipe checkpoint nor a SiT state dict")
 
 
+_SAFETENSORS_HEADER_MAX = 100_000_000  # the safetensors format's own cap on the JSON header
+
+
+def safetensors_header(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), or None when the file is
+    not one: a file is told by its bytes, never by its suffix."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= _SAFETENSORS_HEADER_MAX or size + 8 > Path(path).stat().st_size:
+                return None
+            text = f.read(size)
+        header = json.loads(text) if text[:1] == b"{" else None
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` is a safetensors file written by `repa-pipe export` (its metadata's format tag)."""
+    header = safetensors_header(path)
+    meta = header.get("__metadata__") if header else None
+    return isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception in one line: its first line, with the next one when the first only announces it (torch's
+    "Error(s) in loading state_dict for SiT:")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _safetensors(path: Path) -> Checkpoint:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -152,24 +191,35 @@ def _safetensors(path: Path) -> Checkpoint:
                                                                                                          "null") else None
         step = int(meta["step"]) if "step" in meta else None
     except Exception as e:  # truncated or foreign file: name it, no Rust traceback
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     return Checkpoint(path, "safetensors", sd, step, config, resolved, view, None, None, meta.get("format"))
 
 
 def load(path: Path) -> Checkpoint:
     """Any of the three kinds of file, typed; CheckpointError (one line naming the file) for anything else."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.is_file() and safetensors_header(path) is not None:  # whatever its suffix (an export named x.pt)
         return _safetensors(path)
-    obj = _load_pt(path)
-    if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith(TRAIN_PREFIX):
-        return _train_checkpoint(obj, path)
+    try:
+        obj = _load_pt(path)
+    except CheckpointError:
+        if path.suffix == ".safetensors" and path.is_file():  # named so, neither kind: say what it was meant to be
+            raise CheckpointError(f"{path}: not a readable safetensors file (its header is missing or damaged)") \
+                from None
+        raise
+    if isinstance(obj, dict) and "format" in obj:
+        fmt = obj["format"]
+        if not isinstance(fmt, str):
+            raise CheckpointError(f"{path}: damaged checkpoint: its format field is {fmt!r} "
+                                  f"({type(fmt).__name__}), not a format tag such as {TRAIN_FORMAT}")
+        if fmt.startswith(TRAIN_PREFIX):
+            return _train_checkpoint(obj, path)
     return _reference(obj, path)
 
 
 def resolve(run: Optional[Path], ckpt: Optional[str]) -> Path:
     """--ckpt FILE, --ckpt STEP (in RUN), or RUN's newest checkpoint."""
-    if ckpt is not None and not ckpt.isdigit():
+    if ckpt is not None and not re.fullmatch(r"[0-9]+", ckpt):  # not str.isdigit: it takes '²' and other digits
         p = Path(ckpt)
         if not p.is_file():
             raise ConfigError(f"--ckpt {ckpt}: no such file")
@@ -209,5 +259,16 @@ def _intact_hint(run: Path, damaged: Path) -> str:
         except CheckpointError:
             continue
         return (f"the newest intact checkpoint is {p} (step {step}): move the damaged file aside "
-                f"(`mv {damaged} {damaged}.damaged`) and run the same command again to go on from it")
+                f"(`mv {shlex.quote(str(damaged))} {shlex.quote(str(damaged) + '.damaged')}`) and run the same "
+                "command again to go on from it")
     return "no earlier checkpoint of this run is intact"
+
+
+def damaged(ck: Checkpoint, part: str, e: BaseException) -> CheckpointError:
+    """One line for a training checkpoint whose `part` (model, ema, opt, scaler, rng) does not fit the state it is
+    loaded into; for a run's newest checkpoint, with load_from's hint (the newest intact one, how to go on)."""
+    msg = f"{ck.source}: damaged checkpoint: its {part!r} entry does not fit ({_first_line(e)})"
+    run = ck.source.parent.parent
+    if ck.source.parent.name == "checkpoints" and files.latest(run) == ck.source:
+        msg += "; " + _intact_hint(run, ck.source)
+    return CheckpointError(msg)

@@ -65,7 +65,7 @@ def build_from_weights(sd: dict[str, torch.Tensor], preset: str, encoder_depth: 
 
 
 def load_model(run: Optional[Path], ckpt: Optional[str], preset: Optional[str],
-                      device: torch.device) -> LoadedModel:
+               device: torch.device) -> LoadedModel:
     """The EMA model of --ckpt FILE|STEP or RUN's newest checkpoint, on `device`, in eval mode."""
     ck = load_from(run, ckpt)
     name = preset or ck.facts.model

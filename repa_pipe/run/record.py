@@ -10,7 +10,8 @@ RUN/config.json      {"format": "repa-pipe-run/2", "tool", "created_utc",
                                    cache's file-list and label hashes},
                       "history":  [{"step", "utc", "changed": {option: [before, after]}}, ...] one per resume
                                   that changed an option (or went on with another cache)}
-RUN/.lock            held by the `train` writing the run (cache/lock.py's holder lock)
+RUN/.train.lock      held by the `train` writing the run (cache/lock.py's holder lock; not `.lock`, the name of
+                     the cache's own lock)
 RUN/checkpoints/     NNNNNNN.pt (run/checkpoint.py)
 RUN/metrics.jsonl, RUN/loss.png, RUN/samples/NNNNNNN.png
 ```
@@ -29,6 +30,7 @@ from typing import Any, Optional
 
 from repa_pipe import __version__
 from repa_pipe.cache.manifest import Manifest, TrainingView, is_cache
+from repa_pipe.pipeline import checkpoint as files
 from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.fileio import atomic_write_json, read_json
 from repa_pipe.run.facts import TrainFacts, check_resolved, typed_config
@@ -36,7 +38,7 @@ from repa_pipe.run.facts import TrainFacts, check_resolved, typed_config
 FORMAT = "repa-pipe-run/2"
 READS = ("repa-pipe-run/1", FORMAT)
 RECORD = "config.json"
-LOCK = ".lock"
+LOCK = ".train.lock"  # repa-pipe 0.2 to 0.3 named it `.lock`; such a file left in an old run is never read
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,18 @@ class RunRecord:
                 "cache": {"path": c.path, "run_relative": c.relative, "view": c.view.to_json(),
                           "identity": c.identity.to_json() if c.identity else None},
                 "history": self.history}
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a training run's folder: it holds checkpoints, or a run record (config.json with a run
+    format tag; a config.json of another tool is not one)."""
+    path = Path(path)
+    if files.list_checkpoints(path):
+        return True
+    try:
+        return (path / RECORD).is_file() and read_json(path / RECORD).get("format") in READS
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cache_paths(run_dir: Path, cache: Path) -> tuple[str, str]:

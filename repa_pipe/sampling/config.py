@@ -92,4 +92,5 @@ class SampleEvalConfig:
 class ExportConfig:
     run: Path = option(help="Run folder (its newest checkpoint) or a checkpoint .pt file.", metavar="RUN",
                        argument=True)
-    out: Path = option(help="Output .safetensors file.", metavar="OUT", argument=True)
+    out: Path = option(help="Output .safetensors file, outside every run folder and cache. An existing file is "
+                            "replaced only if it is an earlier repa-pipe export.", metavar="OUT", argument=True)

@@ -43,7 +43,7 @@ class Trained:
 
 
 def run_lock(run_dir: Path) -> HolderLock:
-    """RUN/.lock: one `train` at a time writes a run folder (a second one is refused, naming the first)."""
+    """RUN/.train.lock: one `train` at a time writes a run folder (a second one is refused, naming the first)."""
     return HolderLock(Path(run_dir) / LOCK, lambda holder: RunBusyError(
         f"{run_dir}: another train is writing this run ({holder}); wait for it to finish, or stop it and run this "
         "command again to resume"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from repa_pipe.cache.manifest import TrainingView, read_manifest, training_view, utc_now
+from repa_pipe.cache.manifest import TrainingView, is_cache, read_manifest, training_view, utc_now
 from repa_pipe.cache.reader import check_labels, check_ready
 from repa_pipe.pipeline import checkpoint as files
 from repa_pipe.pipeline.config import flag, to_dict
@@ -83,6 +83,21 @@ def check_options(cfg: TrainConfig) -> None:
                               "(or pip install 'repa-pipe[tensorboard]')") from None
 
 
+def check_run_dir(cfg: TrainConfig) -> None:
+    """--run-dir must be a folder (or not exist yet) and lie outside every cache: a run written into a cache would
+    mix its checkpoints with the cache's files (and `cache verify --repair` owns those). A cache inside a run
+    folder is allowed: the run writes only its own names (config.json, checkpoints/, samples/, metrics.jsonl,
+    loss.png, tensorboard/, .train.lock), none of which a cache uses."""
+    run = Path(cfg.run_dir)
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--run-dir {run}: not a folder (an existing file); pass a new or a run folder")
+    for folder in (run.resolve(), *run.resolve().parents):
+        if is_cache(folder):
+            where = "a cache" if folder == run.resolve() else f"inside the cache {folder}"
+            raise ConfigError(f"--run-dir {run}: {where}; a run folder must lie outside every cache (e.g. beside "
+                              "it)")
+
+
 def cache_view(cfg: TrainConfig) -> tuple[TrainingView, CacheIdentity]:
     """The cache's training view, with every array it names checked on disk, and the cache's identity."""
     cache = Path(cfg.cache)
@@ -141,6 +156,7 @@ def resume_plan(cfg: TrainConfig, typed: dict[str, Any], resolved: Resolved, vie
 
 def plan(cfg: TrainConfig, world_size: int) -> Plan:
     check_options(cfg)
+    check_run_dir(cfg)
     micro, accum = micro_batches(cfg, world_size)
     view, identity = cache_view(cfg)
     resolved, typed = resolve(cfg, view), to_dict(cfg)

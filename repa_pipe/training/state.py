@@ -11,7 +11,7 @@ from repa_pipe.cache.manifest import TrainingView
 from repa_pipe.models.registry import SIT_PRESETS
 from repa_pipe.models.sit import SiT, build_sit
 from repa_pipe.pipeline.errors import CacheMismatchError, ConfigError
-from repa_pipe.run.checkpoint import Checkpoint, TrainingState
+from repa_pipe.run.checkpoint import Checkpoint, TrainingState, damaged
 from repa_pipe.run.record import CacheIdentity
 from repa_pipe.training.config import TrainConfig, encoder_depth_for
 
@@ -108,12 +108,22 @@ def check_view(ck: Checkpoint, view: TrainingView) -> None:
 
 
 def load_into(state: State, ck: Checkpoint, cfg: TrainConfig) -> None:
-    """Restore `state` from checkpoint `ck`; the command's --lr applies from here on."""
+    """Restore `state` from checkpoint `ck`; the command's --lr applies from here on. A part that does not fit
+    (a checkpoint with the right format tag but a damaged entry) is one CheckpointError naming the file and the
+    part (run/checkpoint.py: damaged), never a half-restored state that trains on."""
     t = ck.require_training("use another --run-dir")
-    state.model.load_state_dict(t.model)
-    state.ema.load_state_dict(ck.ema)
     impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in state.opt.param_groups]
-    state.opt.load_state_dict(t.opt)
+    for part, restore in (("model", lambda: state.model.load_state_dict(t.model)),
+                          ("ema", lambda: state.ema.load_state_dict(ck.ema)),
+                          ("opt", lambda: state.opt.load_state_dict(t.opt)),
+                          ("scaler", lambda: _load_scaler(state.scaler, t.scaler)),
+                          ("rng", lambda: _set_rng_state(t.rng))):
+        try:
+            restore()
+        except torch.OutOfMemoryError:  # a RuntimeError too, but the device's, not the file's
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise damaged(ck, part, e) from None
     for group, kernels in zip(state.opt.param_groups, impl):
         group["lr"] = cfg.lr
         group.update(kernels)  # this device's AdamW kernels, not those of the machine that saved the checkpoint
@@ -121,10 +131,16 @@ def load_into(state: State, ck: Checkpoint, cfg: TrainConfig) -> None:
             for p in group["params"]:
                 if "step" in state.opt.state.get(p, {}):
                     state.opt.state[p]["step"] = state.opt.state[p]["step"].to(p.device, torch.float32)
-    # A disabled scaler (bf16/fp32) saves {}; loading that into an enabled one (switch to fp16) would fail.
-    if t.scaler and state.scaler.is_enabled():
-        state.scaler.load_state_dict(t.scaler)
-    torch.set_rng_state(t.rng["torch"])
-    if "cuda" in t.rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(t.rng["cuda"])
     state.step = int(ck.step)
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    # A disabled scaler (bf16/fp32) saves {}; loading that into an enabled one (switch to fp16) would fail.
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
