@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from repa_pipe.cache.manifest import MAX_CLASSES
 from repa_pipe.models.registry import CODEC_NAMES, ENCODERS
 from repa_pipe.pipeline.config import check_at_least, check_choices, option
 from repa_pipe.pipeline.errors import ConfigError
@@ -12,6 +13,9 @@ from repa_pipe.pipeline.precision import NAMES as PRECISION_NAMES
 
 DEFAULT_RESOLUTION = 256
 DEFAULT_MAX_MEGAPIXELS = 64.0  # ImageNet's largest images are under 20 Mpx
+# The largest crop accepted. The paper trains at 256 and 512 px; at 4096 px one decoded crop is already 48 MiB of
+# uint8 and an sd-vae latent 512x512x4 per image, so a larger value is a typo, refused before a cache exists.
+MAX_RESOLUTION = 4096
 
 
 @dataclass(frozen=True)
@@ -34,9 +38,9 @@ class _Common:
     precision: str = option("fp32", "Model compute precision.", metavar="P", choices=PRECISION_NAMES)
     skip_bad: bool = option(False, "Record bad images and labels (path, reason) in the manifest and mark their "
                                    "rows invalid, instead of stopping at the first one.")
-    num_classes: Optional[int] = option(None, "Labels must lie in [0, N). Default: the number of class folders of "
-                                              "an ImageFolder; for tar shards the largest label + 1, at most "
-                                              "100,000.", metavar="N")
+    num_classes: Optional[int] = option(None, "Labels must lie in [0, N), N at most 100,000 (ImageNet-21k has "
+                                              "21,841). Default: the number of class folders of an ImageFolder; "
+                                              "for tar shards the largest label + 1.", metavar="N")
     max_megapixels: float = option(DEFAULT_MAX_MEGAPIXELS, "Pixel budget: an image whose header declares more "
                                    "megapixels is a bad image (found before it is decoded).", metavar="MPX")
 
@@ -44,6 +48,12 @@ class _Common:
         check_choices(self)
         check_at_least(self, ("batch_size", "shard_size", "resolution", "num_classes"), 1)
         check_at_least(self, ("workers",), 0)
+        if self.resolution is not None and self.resolution > MAX_RESOLUTION:
+            raise ConfigError(f"--resolution {self.resolution}: at most {MAX_RESOLUTION} px (one decoded crop of "
+                              f"{self.resolution} px would take {3 * self.resolution ** 2 / 2 ** 30:.1f} GiB)")
+        if self.num_classes is not None and self.num_classes > MAX_CLASSES:
+            raise ConfigError(f"--num-classes {self.num_classes}: at most {MAX_CLASSES:,} (the class embedding "
+                              "of a model trained on the cache grows with it)")
         if not self.max_megapixels > 0:
             raise ConfigError(f"--max-megapixels must be positive, got {self.max_megapixels}")
 
@@ -73,7 +83,12 @@ class _Features:
                                                   "official format) instead of the hub.", metavar="FILE")
     grid: Optional[int] = option(None, "Token grid per side. Default: a patch-2 SiT's grid on the cache's "
                                        "latents, or resolution/16 without latents.", metavar="N")
-    dtype: str = option("float16", "Stored feature dtype.", metavar="DTYPE", choices=("float16", "float32"))
+    feature_dtype: str = option("float16", "Stored feature dtype: float16, float32, or int8 (each token "
+                                           "quantized on its absmax with a float32 scale: 0.50x float16's bytes; "
+                                           "read back as float16, docs/cache.md).", metavar="DTYPE",
+                                choices=("float16", "float32", "int8"))
+    with_cls: bool = option(False, "Also store the encoder's class token (after its final norm) as the array "
+                                   "cls/<encoder>, beside the patch tokens; training ignores it.")
 
 
 @dataclass(frozen=True)
