@@ -105,10 +105,8 @@ def test_cache_info_gives_bytes_per_image_and_the_projected_size(tmp_path):
     (root / "done" / "features" / "t" / "000004.json").unlink()
     writer.finalize(root, "features/t")
     a = inspect.info(root)["arrays"][0]
-    assert a["bytes_per_image"] == 2 * 3 * 2 + 4 + 16
-    assert a["bytes"] == 20 * a["bytes_per_image"] + 4 * 5
-    assert a["bytes_done"] == sum((root / "cache.zarr" / "features" / "t" / "c" / str(k) / "0" / "0").stat().st_size
-                                  for k in range(4))
+    assert a["bytes_per_image"] == 2 * 3 * 2
+    assert a["bytes"] == 20 * a["bytes_per_image"] and a["bytes_done"] == 16 * a["bytes_per_image"]
     r = invoke(["cache", "info", str(root)])
     assert r.exit_code == 0 and "projected" in r.output and "bytes/image" in r.output, r.output
 

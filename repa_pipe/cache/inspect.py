@@ -30,20 +30,16 @@ _EXAMPLES = 5
 
 
 # --------------------------------------------------------------------------------------------- info
-# On disk, a row is its bytes, its crc32c (4) and its entry in the shard index (offset and size, 16).
-ROW_OVERHEAD = 4 + 16
-
-
 def array_summary(root: Path, m: Manifest, name: str) -> dict[str, Any]:
-    """One array: shape, dtype, bytes per image on disk, the bytes of its done shards and (`bytes`) what the
-    whole source will take once every shard is done."""
+    """One array: shape, dtype, stored bytes per image (int8: values and scales), the bytes of its done shards'
+    rows and (`bytes`) what the whole source takes once every shard is done. Each row also carries 20 bytes on
+    disk (its crc32c and its shard-index entry), not counted here."""
     entry = m.array(name)
     markers, _ = read_markers(root, name, m.num_shards, m.n)
     done = [mk for mk in markers.values() if mk.spec_hash == entry.spec.spec_hash]
     spec = entry.spec
-    per_image = spec.row_bytes + ROW_OVERHEAD
-    return {"name": name, "shape": list(spec.shape), "dtype": spec.dtype, "bytes_per_image": per_image,
-            "bytes": per_image * m.n + 4 * m.num_shards, "bytes_done": sum(mk.bytes for mk in done),
+    return {"name": name, "shape": list(spec.shape), "dtype": spec.dtype, "bytes_per_image": spec.row_bytes,
+            "bytes": spec.row_bytes * m.n, "bytes_done": spec.row_bytes * sum(mk.stop - mk.start for mk in done),
             "shards_done": len(done), "num_shards": m.num_shards, "status": entry.status, "bad": len(entry.bad),
             "model": dataclasses.asdict(spec.model), "precision": spec.precision}
 

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from repa_pipe.cache.manifest import MAX_CLASSES
 from repa_pipe.models.registry import CODEC_NAMES, ENCODERS
 from repa_pipe.pipeline.config import check_at_least, check_choices, option
 from repa_pipe.pipeline.errors import ConfigError
@@ -51,6 +50,7 @@ class _Common:
         if self.resolution is not None and self.resolution > MAX_RESOLUTION:
             raise ConfigError(f"--resolution {self.resolution}: at most {MAX_RESOLUTION} px (one decoded crop of "
                               f"{self.resolution} px would take {3 * self.resolution ** 2 / 2 ** 30:.1f} GiB)")
+        from repa_pipe.cache.manifest import MAX_CLASSES  # here: the manifest module is not light (--help)
         if self.num_classes is not None and self.num_classes > MAX_CLASSES:
             raise ConfigError(f"--num-classes {self.num_classes}: at most {MAX_CLASSES:,} (the class embedding "
                               "of a model trained on the cache grows with it)")
