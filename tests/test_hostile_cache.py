@@ -238,3 +238,17 @@ def test_running_out_of_descriptors_is_a_limit_not_damage(cache, monkeypatch):
     with pytest.raises(reader.ResourceLimitError):  # verify stops on the limit too, never reporting damage
         inspect.verify(cache)
     assert (cache / "done" / "features" / "t" / "000000.json").is_file()  # nothing removed
+
+
+def test_a_reopened_shard_rewritten_meanwhile_is_read_from_its_new_index(tmp_path):
+    """Indexes outlive their descriptors (an LRU-closed shard reopens without re-reading its index) only while
+    the file is the same one."""
+    root = _make(tmp_path / "c", n=8, shard=4)
+    m = read_manifest(root)
+    r = reader.ArrayReader(root, m, "features/t", threads=1, max_open=1)
+    r.gather(np.array([0, 5]))  # shard 0 closed by the LRU when shard 1 opened
+    w = writer.ShardWriter(root, m, "features/t")
+    new = np.full((4, 2, 3), 7, dtype=np.float16)
+    w.write(0, new, [])
+    np.testing.assert_array_equal(r.gather(np.array([1]))[0], new[1])
+    r.close()

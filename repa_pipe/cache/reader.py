@@ -101,6 +101,10 @@ class ArrayReader:
         self.shard_size = manifest.shard_size
         self.max_open = _open_cap(max_open)
         self._open_shards: OrderedDict[int, _Shard] = OrderedDict()  # LRU: least recently used first
+        # Parsed shard indexes outlive their descriptors (8 bytes a row: 10 MB for ImageNet), so reopening a shard
+        # closed by the LRU costs an open and an fstat, not a re-read of its index. Keyed by the file's identity:
+        # a shard rewritten meanwhile (repair, then its encode) is parsed again.
+        self._indexes: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
 
@@ -143,13 +147,18 @@ class ArrayReader:
                 raise _fd_limit_error(path, e) from None
             raise self._shard_damage(k, f"cannot be opened ({path}: {e.strerror})") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise self._shard_damage(k, f"is not a regular file ({path})")
-            offsets = self._read_index(fd, k, path)[:, 0].copy()
+            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = self._indexes.get(k)
+            if known is None or known[0] != ident:
+                known = (ident, self._read_index(fd, k, path)[:, 0].copy())
+                self._indexes[k] = known
         except BaseException:
             os.close(fd)
             raise
-        return _Shard(fd, offsets)
+        return _Shard(fd, known[1])
 
     def check_shard(self, k: int) -> None:
         """Open shard k and check its index (raises CorruptDataError naming what is wrong); rows are not read."""
