@@ -139,3 +139,20 @@ def test_encode_features_int8_with_cls_through_the_cli(tmp_path, one_torch_threa
     # a resumed run with the same options is a no-op; a different dtype is refused naming it
     r = invoke(["encode-features", *common, "--cache", str(tmp_path / "int8"), "--feature-dtype", "float16"])
     assert r.exit_code == 1 and "dtype" in r.output
+
+
+def test_training_reads_an_int8_cache_with_a_class_token(tmp_path, one_torch_thread):
+    """Training takes the dequantized float16 features and ignores the class-token array."""
+    from test_cache_integrity import encode, train
+
+    src = make_imagefolder(tmp_path / "imgs", per_class=4)
+    cache = tmp_path / "c"
+    for args in (encode("latents", src, cache), encode("features", src, cache, "--feature-dtype", "int8",
+                                                          "--with-cls")):
+        r = invoke(args)
+        assert r.exit_code == 0, r.output
+    assert set(read_manifest(cache).arrays) == {"latents/tiny", "features/tiny", "cls/tiny"}
+    r = invoke(train(cache, tmp_path / "run", 2))
+    assert r.exit_code == 0, r.output
+    metrics = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
