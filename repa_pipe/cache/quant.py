@@ -9,6 +9,8 @@ the dtype a float16 cache serves (docs/cache.md). A NaN row (a bad sample) store
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 SCALE_BYTES = 4  # float32 scale after each token's int8 values
@@ -35,14 +37,32 @@ def empty_int8(shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+_scratch = threading.local()  # per reader thread: a reused float32 buffer (a fresh one page-faults every call)
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A per-thread reusable buffer of at least prod(shape) elements, viewed as `shape`."""
+    need = int(np.prod(shape))
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.size < need or buf.dtype != dtype:
+        buf = np.empty(need, dtype=dtype)
+        setattr(_scratch, name, buf)
+    return buf[:need].reshape(shape)
+
+
 def dequantize_int8(raw: np.ndarray, out: np.ndarray) -> np.ndarray:
     """(..., D + 4) int8 stored rows -> out (..., D) float16 = q * s (float32 product, one rounding).
 
-    torch's fused multiply-and-cast is 1.2-1.9x numpy's bit-identical `np.multiply(..., dtype=float32)` here
-    (bench/feature_dtype.py's machine); imported on first use so reading a float cache never loads torch."""
+    Three single-dtype passes (int8 -> float32, times the scale, float32 -> float16) through torch: 3-6x
+    numpy's bit-identical `np.multiply(..., dtype=float32)` into float16 and 1.7-3x torch's one mixed-dtype
+    multiply, whose casting loop is not vectorized (measured on bench/feature_dtype.py's machine). torch is
+    imported on first use, so reading a float cache never loads it."""
     import torch
 
     r = torch.from_numpy(raw)
     scale = r[..., -SCALE_BYTES:].contiguous().view(torch.float32)  # (..., 1)
-    torch.mul(r[..., :-SCALE_BYTES], scale, out=torch.from_numpy(out))
+    f = torch.from_numpy(scratch("f32", out.shape, np.dtype(np.float32)))
+    f.copy_(r[..., :-SCALE_BYTES])
+    f.mul_(scale)
+    torch.from_numpy(out).copy_(f)
     return out

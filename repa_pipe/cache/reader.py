@@ -33,7 +33,7 @@ import numpy as np
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.cache.manifest import Manifest, ShardMarker, read_manifest, read_markers
-from repa_pipe.cache.quant import dequantize_int8
+from repa_pipe.cache.quant import dequantize_int8, scratch
 from repa_pipe.pipeline.errors import CorruptDataError, RepaError
 from repa_pipe.pipeline.hashing import sha256_int64
 from repa_pipe.pipeline.seeding import order_rng
@@ -187,7 +187,7 @@ class ArrayReader:
         """Read global rows `rows` (all in one shard) into out[pos], checking each row's crc32c; int8 rows are
         read into a task-local buffer and dequantized into out[pos] in one vectorized step."""
         k = int(rows[0]) // self.shard_size
-        raw = np.empty((len(rows), *self.stored_row), dtype=self.stored_dtype) if self.quantized else None
+        raw = scratch("rows", (len(rows), *self.stored_row), self.stored_dtype) if self.quantized else None
         buf = raw if raw is not None else out
         flat = buf.reshape(buf.shape[0], -1).view(np.uint8)
         crcs = np.empty(len(rows), dtype="<u4")
