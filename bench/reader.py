@@ -86,11 +86,14 @@ class UncheckedReader(ArrayReader):
 
     def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
         k = int(rows[0]) // self.shard_size
-        fd, offsets = self._open(k)
-        flat = out.reshape(out.shape[0], -1).view(np.uint8)
-        for r, p in zip(rows, pos):
-            if os.preadv(fd, [flat[p]], int(offsets[int(r) - k * self.shard_size])) != self.row_bytes:
-                raise CorruptDataError(f"short read of row {r}")
+        sh = self._acquire(k)
+        try:
+            flat = out.reshape(out.shape[0], -1).view(np.uint8)
+            for r, p in zip(rows, pos):
+                if os.preadv(sh.fd, [flat[p]], int(sh.offsets[int(r) - k * self.shard_size])) != self.row_bytes:
+                    raise CorruptDataError(f"short read of row {r}")
+        finally:
+            self._release(sh)
 
 
 # --------------------------------------------------------------------------------------------- raw readers

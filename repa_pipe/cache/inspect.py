@@ -3,7 +3,7 @@
 verify checks everything the manifest claims, one line per problem: the index files against their recorded
 hashes, each array's on-disk metadata (shape, dtype, shard layout, row codec) against its spec, every done
 marker readable, every done shard's file present at its recorded size, every valid row's crc32c (naming the
-rows that differ), and no NaN or Inf in a valid row. `repair` then removes the done markers of the damaged
+rows that differ), and no NaN or Inf in a valid row (int8 rows dequantized first). `repair` then removes the done markers of the damaged
 shards, so running the array's encode command again rewrites exactly those.
 """
 from __future__ import annotations
@@ -20,9 +20,8 @@ from rich.table import Table
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.cache.lock import cache_lock
-from repa_pipe.cache.manifest import Manifest, read_manifest, write_manifest
+from repa_pipe.cache.manifest import Manifest, read_manifest, read_markers, write_manifest
 from repa_pipe.cache.reader import ArrayReader, disk_problems
-from repa_pipe.cache.writer import read_markers
 from repa_pipe.pipeline.errors import CorruptDataError
 from repa_pipe.pipeline.hashing import hash_lines, sha256_int64
 
@@ -32,12 +31,16 @@ _EXAMPLES = 5
 
 # --------------------------------------------------------------------------------------------- info
 def array_summary(root: Path, m: Manifest, name: str) -> dict[str, Any]:
+    """One array: shape, dtype, stored bytes per image (int8: values and scales), the bytes of its done shards'
+    rows and (`bytes`) what the whole source takes once every shard is done. Each row also carries 20 bytes on
+    disk (its crc32c and its shard-index entry), not counted here."""
     entry = m.array(name)
-    markers, _ = read_markers(root, name, m.num_shards)
-    done = sum(mk.get("spec_hash") == entry.spec.spec_hash for mk in markers.values())
+    markers, _ = read_markers(root, name, m.num_shards, m.n)
+    done = [mk for mk in markers.values() if mk.spec_hash == entry.spec.spec_hash]
     spec = entry.spec
-    return {"name": name, "shape": list(spec.shape), "dtype": spec.dtype, "bytes": spec.row_bytes * m.n,
-            "shards_done": done, "num_shards": m.num_shards, "status": entry.status, "bad": len(entry.bad),
+    return {"name": name, "shape": list(spec.shape), "dtype": spec.dtype, "bytes_per_image": spec.row_bytes,
+            "bytes": spec.row_bytes * m.n, "bytes_done": spec.row_bytes * sum(mk.stop - mk.start for mk in done),
+            "shards_done": len(done), "num_shards": m.num_shards, "status": entry.status, "bad": len(entry.bad),
             "model": dataclasses.asdict(spec.model), "precision": spec.precision}
 
 
@@ -73,10 +76,13 @@ def render_info(info_: dict[str, Any], out: Console) -> None:
     # Short columns only, folded rather than elided when narrow; the long model provenance goes on its own
     # unwrapped line per array.
     table = Table()
-    for column in ("array", "shape", "dtype", "bytes", "shards done", "status", "bad"):
+    for column in ("array", "shape", "dtype", "bytes/image", "size", "shards done", "status", "bad"):
         table.add_column(column, overflow="fold")
     for a in info_["arrays"]:
-        table.add_row(a["name"], "x".join(map(str, a["shape"])), a["dtype"], _human(a["bytes"]),
+        # Unfinished: what is written so far, and what the whole source will take when every shard is done.
+        size = _human(a["bytes"]) if a["shards_done"] == a["num_shards"] else \
+            f"{_human(a['bytes_done'])} of {_human(a['bytes'])} projected"
+        table.add_row(a["name"], "x".join(map(str, a["shape"])), a["dtype"], f"{a['bytes_per_image']:,}", size,
                       f"{a['shards_done']}/{a['num_shards']}", a["status"], str(a["bad"]))
     # A pipe or log file has no width limit: render there at full width instead of rich's default 80 columns.
     (out if out.is_terminal else Console(file=out.file, width=max(out.width, 200))).print(table)
@@ -157,10 +163,10 @@ def _check_shard(reader: ArrayReader, name: str, k: int, rows: np.ndarray, repor
 
 def _verify_array(root: Path, m: Manifest, name: str, report: VerifyReport) -> None:
     entry = m.array(name)
-    markers, unreadable = read_markers(root, name, m.num_shards)
+    markers, unreadable = read_markers(root, name, m.num_shards, m.n)
     for k, line in unreadable:
         report.shard_problem(name, k, line)
-    markers = {k: mk for k, mk in markers.items() if mk.get("spec_hash") == entry.spec.spec_hash}
+    markers = {k: mk for k, mk in markers.items() if mk.spec_hash == entry.spec.spec_hash}
     not_done = [k for k in range(m.num_shards) if k not in markers and k not in report.damaged.get(name, ())]
     if not_done:
         report.problems.append(f"{name}: {len(not_done)} of {m.num_shards} shard(s) not done (e.g. "

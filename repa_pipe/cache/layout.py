@@ -9,13 +9,16 @@ CACHE/
   index/labels.npy           (N,) int64; -1 for a sample whose label could not be used (a bad row)
   cache.zarr/                Zarr v3 group; every array sharded on axis 0 with the same S rows per shard
     latents/<codec>          (N, 2C, h, w) posterior moments (mean, std)
-    features/<encoder>       (N, T, D) patch tokens
+    features/<encoder>       (N, T, D) patch tokens (int8: (N, T, D + 4), each token's float32 scale after it)
+    cls/<encoder>            (N, 1, D) the encoder's class token (encode-features --with-cls), stored alike
   done/<kind>/<name>/<k>.json  shard k of that array is complete (written last, atomically, after fsync)
   stats/                     reference statistics for sample-eval, computed once
 ```
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +82,18 @@ def write_index(root: Path, keys: list[str], labels: np.ndarray) -> None:
     atomic_write(paths.labels, lambda f: np.save(f, np.asarray(labels, dtype=np.int64)))
 
 
+def check_regular(path: Path) -> Path:
+    """`path` if it is a regular file (after symlinks); else OSError. Checked before opening: a FIFO in a
+    cache's place would block the open, a device node would read without end."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(f"{path} is not a regular file")
+    return path
+
+
 def read_labels(root: Path) -> np.ndarray:
-    return np.load(CachePaths(Path(root)).labels, allow_pickle=False)
+    return np.load(check_regular(CachePaths(Path(root)).labels), allow_pickle=False)
 
 
 def read_keys(root: Path) -> list[str]:
-    return CachePaths(Path(root)).keys.read_text().splitlines()
+    return check_regular(CachePaths(Path(root)).keys).read_text().splitlines()

@@ -6,19 +6,24 @@ manifest.json (schema 2)
   format, schema_version, tool, created_utc
   dataset        Dataset: kind, root, n, num_classes, class_names, file_list_sha256, labels_sha256, notes
   resolution, crop, shard_size, num_shards
-  arrays         {name: ArrayEntry}, name = "<kind>/<model name>" (latents/sd-vae-ft-mse, features/dinov2-b)
+  arrays         {name: ArrayEntry}, name = "<kind>/<model name>" (latents/sd-vae-ft-mse, features/dinov2-b,
+                 cls/dinov2-b)
     ArrayEntry   spec (ArraySpec: what is stored and how it was made; its hash identifies the bytes)
                  + progress (status, shards_done, bad rows, times)
+done/<kind>/<name>/<k>.json   ShardMarker: shard k of that array is written and fsynced
 ```
 
 A cache's arrays are written as raw rows with a crc32c after each (`ROW_CODEC`): the reader checks every row
-it serves. Schema 1 caches (no per-row checksums) are refused with a message saying so.
+it serves. Schema 1 caches (no per-row checksums) are refused with a message saying so. Every value read back
+from manifest.json is checked (types, ranges, array names that stay inside the cache): a hand-edited or damaged
+manifest is one line, never a traceback or a path outside the cache.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 
 from repa_pipe import __version__
+from repa_pipe.cache.layout import CachePaths
 from repa_pipe.pipeline.errors import CacheMismatchError, NotACacheError
 from repa_pipe.pipeline.fileio import atomic_write_json, read_json
 from repa_pipe.pipeline.hashing import hash_json
@@ -33,11 +39,16 @@ from repa_pipe.pipeline.hashing import hash_json
 FORMAT = "repa-pipe-cache"
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
-KINDS = ("latents", "features")
+KINDS = ("latents", "features", "cls")  # cls: the encoder's class token (encode-features --with-cls)
+# An array name is "<kind>/<model name>"; the model part is a registry-style name. Anything else (an absolute
+# path, "..", a separator) in a manifest is damage: the name becomes a path inside the cache.
+ARRAY_NAME = re.compile(r"(?:%s)/[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}" % "|".join(KINDS))
 CROP = "adm_center_crop"
 ROW_CODEC = "bytes+crc32c"  # one row per zarr inner chunk: raw little-endian bytes, then their crc32c
 DEFAULT_SHARD_SIZE = 1024
-MAX_CLASSES = 100_000  # a label bound without --num-classes (ImageNet-21k has 21,841 classes)
+MAX_CLASSES = 100_000  # the label bound (ImageNet-21k has 21,841 classes); --num-classes may not exceed it
+# Stored feature forms: "int8" is a per-token absmax int8 quantization (cache/quant.py).
+QUANTIZED = ("int8",)
 
 
 def utc_now() -> str:
@@ -130,8 +141,23 @@ class ArraySpec:
         return tuple(self.shape[1:])
 
     @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED
+
+    @property
+    def stored_row_shape(self) -> tuple[int, ...]:
+        """The row as stored: int8 rows carry each token's float32 scale as 4 more int8 bytes after its values."""
+        return (*self.row_shape[:-1], self.row_shape[-1] + 4) if self.quantized else self.row_shape
+
+    @property
+    def read_dtype(self) -> str:
+        """The dtype rows are served in: int8 rows are dequantized to float16, what a float16 cache serves."""
+        return "float16" if self.quantized else self.dtype
+
+    @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
+        """Bytes of one stored row (without its crc32c)."""
+        return int(np.prod(self.stored_row_shape)) * np.dtype(self.dtype).itemsize
 
     @property
     def spec_hash(self) -> str:
@@ -150,6 +176,57 @@ class BadRow:
     key: str
     path: str
     reason: str
+
+
+@dataclass(frozen=True)
+class ShardMarker:
+    """done/<array>/<k>.json: shard k (rows [start, stop)) is written whole and fsynced, as `spec_hash` says.
+
+    Markers written before this type also hold a whole-file "crc32c"; it is ignored (every row and the shard
+    index carry their own crc32c, which `cache verify` checks)."""
+
+    k: int
+    start: int
+    stop: int
+    bytes: int                         # the shard file's size: a stat finds a truncated or replaced file
+    spec_hash: str
+    bad: tuple[BadRow, ...] = ()
+    written_utc: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, d: Any, n: int) -> "ShardMarker":
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        try:
+            m = cls(k=d["k"], start=d["start"], stop=d["stop"], bytes=d["bytes"], spec_hash=d["spec_hash"],
+                    bad=tuple(_bad_row(b, n) for b in d["bad"]), written_utc=d.get("written_utc", ""))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{type(e).__name__}: {e}") from None
+        _check_ints(("k", m.k), ("start", m.start), ("stop", m.stop), ("bytes", m.bytes))
+        return m
+
+
+def read_markers(root: str | os.PathLike, name: str,
+                 n_shards: int, n: int) -> tuple[dict[int, ShardMarker], list[tuple[int, str]]]:
+    """({k: marker} for readable markers, [(k, one line) per unreadable marker]) of array `name`."""
+    paths = CachePaths(Path(root))
+    out, problems = {}, []
+    for k in range(n_shards):
+        p = paths.done_marker(name, k)
+        if not p.is_file():  # also refuses a FIFO or device in its place: is_file is a regular file
+            continue
+        try:
+            out[k] = ShardMarker.from_json(read_json(p), n)
+        except (ValueError, OSError) as e:
+            problems.append((k, f"{name}: shard {k}: unreadable done marker {p} ({type(e).__name__}: {e})"))
+    return out, problems
+
+
+def write_marker(root: str | os.PathLike, name: str, marker: ShardMarker) -> None:
+    atomic_write_json(CachePaths(Path(root)).done_marker(name, marker.k), marker.to_json())
 
 
 @dataclass(frozen=True)
@@ -191,6 +268,16 @@ def features_spec(encoder: dict[str, Any], n: int, resolution: int, dtype: str, 
         feature=FeatureFacts(grid=g, embed_dim=d, tokens=encoder.get("tokens", "patch tokens")))
 
 
+def cls_spec(encoder: dict[str, Any], n: int, resolution: int, dtype: str, precision: str) -> ArraySpec:
+    """The spec of the class-token array beside features_spec's patch tokens: (N, 1, D), the encoder's class
+    token after its final norm, stored and checksummed like the patch tokens."""
+    d = encoder["embed_dim"]
+    return ArraySpec(
+        kind="cls", model=Provenance.from_describe(encoder), dtype=dtype, shape=(n, 1, d), precision=precision,
+        preprocessing={"resolution": resolution, "crop": CROP, "encoder_input": encoder.get("input", {})},
+        feature=FeatureFacts(grid=encoder["grid"], embed_dim=d, tokens="class token after the final norm"))
+
+
 # --------------------------------------------------------------------------------------------- JSON
 def _to_json(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
@@ -202,6 +289,29 @@ def _to_json(obj: Any) -> Any:
     return obj
 
 
+def _check_ints(*named: tuple[str, Any], low: int = 0) -> None:
+    """Each value an int (not a bool) >= low, else ValueError naming it."""
+    for what, v in named:
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{what} must be an integer >= {low}, got {v!r}")
+
+
+def _bad_row(d: Any, n: int) -> BadRow:
+    b = BadRow(**d)
+    if isinstance(b.index, bool) or not isinstance(b.index, int) or not 0 <= b.index < n:
+        raise ValueError(f"bad-row index {b.index!r} outside [0, {n})")
+    return b
+
+
+def check_array_name(name: Any) -> str:
+    """An array name from a manifest: '<kind>/<model>' in the fixed grammar (no '..', no absolute path, no
+    separator in the model part), else ValueError. The grammar alone keeps the path inside cache.zarr/, done/
+    and locks/; `Manifest.from_json` also checks the resolved path."""
+    if not isinstance(name, str) or not ARRAY_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"array name {name!r} is not <kind>/<model> ({', '.join(KINDS)})")
+    return name
+
+
 def _spec_from_json(d: dict[str, Any]) -> ArraySpec:
     return ArraySpec(kind=d["kind"], model=Provenance(**d["model"]), dtype=d["dtype"], shape=tuple(d["shape"]),
                      precision=d["precision"], preprocessing=d["preprocessing"],
@@ -210,10 +320,15 @@ def _spec_from_json(d: dict[str, Any]) -> ArraySpec:
                      row_codec=d["row_codec"])
 
 
-def _entry_from_json(d: dict[str, Any]) -> ArrayEntry:
-    return ArrayEntry(spec=_spec_from_json(d["spec"]), status=d["status"], shards_done=d["shards_done"],
-                      bad=tuple(BadRow(**b) for b in d["bad"]), created_utc=d["created_utc"],
-                      completed_utc=d.get("completed_utc"))
+def _entry_from_json(d: dict[str, Any], n: int) -> ArrayEntry:
+    e = ArrayEntry(spec=_spec_from_json(d["spec"]), status=d["status"], shards_done=d["shards_done"],
+                   bad=tuple(_bad_row(b, n) for b in d["bad"]), created_utc=d["created_utc"],
+                   completed_utc=d.get("completed_utc"))
+    _check_ints(("shards_done", e.shards_done), *((f"shape[{i}]", v) for i, v in enumerate(e.spec.shape)))
+    if e.spec.shape[0] != n or e.spec.kind not in KINDS or not isinstance(e.spec.dtype, str):
+        raise ValueError(f"{e.spec.kind} array of shape {list(e.spec.shape)} in a cache of {n} rows")
+    np.dtype(e.spec.dtype)  # TypeError for a dtype numpy does not know
+    return e
 
 
 def _dataset_from_json(d: dict[str, Any]) -> Dataset:
@@ -257,12 +372,24 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = MANIFEST) -> "Manifest":
+        """The manifest, every value checked; NotACacheError (one line: damaged manifest) for anything off."""
         try:
-            return cls(dataset=_dataset_from_json(d["dataset"]), resolution=int(d["resolution"]),
-                       shard_size=int(d["shard_size"]), crop=d["crop"], tool=d["tool"],
-                       created_utc=d["created_utc"], schema_version=d["schema_version"],
-                       arrays={k: _entry_from_json(v) for k, v in d["arrays"].items()})
-        except (KeyError, TypeError, ValueError) as e:
+            dataset = _dataset_from_json(d["dataset"])
+            _check_ints(("dataset.n", dataset.n), ("resolution", d["resolution"]), ("shard_size", d["shard_size"]),
+                        ("dataset.num_classes", dataset.num_classes), low=1)
+            if not isinstance(d["arrays"], dict):
+                raise TypeError(f"arrays must be a JSON object, got {type(d['arrays']).__name__}")
+            arrays = {}
+            for k, v in d["arrays"].items():
+                entry = _entry_from_json(v, dataset.n)
+                if check_array_name(k) != entry.name:
+                    raise ValueError(f"array {k!r} holds the spec of {entry.name!r}")
+                _check_inside(Path(where).parent, k)
+                arrays[k] = entry
+            return cls(dataset=dataset, resolution=d["resolution"], shard_size=d["shard_size"], crop=d["crop"],
+                       tool=d["tool"], created_utc=d["created_utc"], schema_version=d["schema_version"],
+                       arrays=arrays)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise NotACacheError(f"{where}: damaged manifest ({type(e).__name__}: {e})") from None
 
     # ------------------------------------------------------------------------------------- lookups
@@ -306,6 +433,16 @@ class Manifest:
             for b in self.arrays[name].bad:
                 mask[b.index] = False
         return mask
+
+
+def _check_inside(root: Path, name: str) -> None:
+    """Every path array `name` gives (data, done markers, lock) resolves inside the cache folder: a symlinked
+    folder in the cache pointing out of it is damage too."""
+    paths = CachePaths(root)
+    top = root.resolve()
+    for p in (paths.array_dir(name), paths.done_dir(name), paths.array_lock(name)):
+        if not p.resolve().is_relative_to(top):
+            raise ValueError(f"array {name!r}: {p} resolves outside the cache")
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:

@@ -5,67 +5,164 @@ store one row per inner chunk, raw bytes followed by their crc32c, so each row i
 its shard file, located by the shard index at the file's end. `ArrayReader` parses each shard index once
 (checking the index's own crc32c), then gathers rows with `os.preadv` from a thread pool and checks every
 row's crc32c (both release the GIL): training never uses bytes that differ from what was written.
+
+Open files are bounded: each ArrayReader keeps at most `max_open` shard files open (least recently used closed
+first; an ImageNet-sized cache has ~1,252 shards per array, above the common soft limit of 1,024 descriptors),
+and `raise_fd_limit` lifts the soft RLIMIT_NOFILE to the hard one where allowed. Running out of descriptors is
+reported as what it is (`ResourceLimitError`, naming the limit), never as damage to a shard.
+
+int8 arrays (cache/quant.py) are gathered in their stored form and dequantized to float16 by the same pool
+task that read them: callers see the float16 rows a float16 cache would serve.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
+import stat
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
+
 import crc32c
 import numpy as np
 
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
-from repa_pipe.cache.manifest import Manifest, read_manifest
-from repa_pipe.cache.writer import read_markers
-from repa_pipe.pipeline.errors import CorruptDataError
+from repa_pipe.cache.manifest import Manifest, ShardMarker, read_manifest, read_markers
+from repa_pipe.cache.quant import dequantize_int8, scratch
+from repa_pipe.pipeline.errors import CorruptDataError, RepaError
 from repa_pipe.pipeline.hashing import sha256_int64
 from repa_pipe.pipeline.seeding import order_rng
 
 _EMPTY = np.uint64(2**64 - 1)  # zarr's marker for an absent inner chunk
 _CRC = 4  # bytes of the crc32c after each row
 _CHUNK_ROWS = 16  # rows per pool task
+_MAX_OPEN = 256  # shard files one ArrayReader keeps open (at most a quarter of the soft limit; see _open_cap)
+
+
+class ResourceLimitError(RepaError):
+    """The process ran out of file descriptors (EMFILE/ENFILE): a limit of the machine, not damage."""
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit where allowed; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # not allowed here (a container's seccomp, macOS's OPEN_MAX): keep the soft one
+            pass
+    return soft
+
+
+def _open_cap(max_open: Optional[int]) -> int:
+    """Shard files to keep open: `max_open`, else _MAX_OPEN, never over a quarter of the soft limit (the rest
+    is left to other arrays, the loader, torch and the checkpoints)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    quarter = max(2, soft // 4) if soft != resource.RLIM_INFINITY else _MAX_OPEN
+    return max(1, min(max_open or _MAX_OPEN, quarter))
+
+
+def _fd_limit_error(path: Path, e: OSError) -> ResourceLimitError:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    which = "the process's open-file limit (RLIMIT_NOFILE" if e.errno == errno.EMFILE else \
+        "the system's open-file table (ENFILE; RLIMIT_NOFILE"
+    return ResourceLimitError(f"{path}: too many open files: {which} soft {soft}, hard {hard}); raise it "
+                              "(`ulimit -n`) or close other programs: the cache is not damaged")
+
+
+class _Shard:
+    """One open shard file: its descriptor, row offsets, and how many reads use it now (never closed then)."""
+
+    __slots__ = ("fd", "offsets", "users")
+
+    def __init__(self, fd: int, offsets: np.ndarray):
+        self.fd, self.offsets, self.users = fd, offsets, 0
 
 
 class ArrayReader:
     """pread-based, checksummed row gather for one array of the cache."""
 
-    def __init__(self, root: Path, manifest: Manifest, name: str, threads: int = 8):
+    def __init__(self, root: Path, manifest: Manifest, name: str, threads: int = 8, max_open: Optional[int] = None):
         spec = manifest.array(name).spec
         self.root, self.name = Path(root), name
         self.paths = CachePaths(self.root)
-        self.shape = tuple(spec.shape)
-        self.dtype = np.dtype(spec.dtype)
+        self.shape = tuple(spec.shape)                    # rows as served: (N, *row)
+        self.dtype = np.dtype(spec.read_dtype)
+        self.stored_row = tuple(spec.stored_row_shape)
+        self.stored_dtype = np.dtype(spec.dtype)
+        self.quantized = spec.quantized
         self.row_bytes = spec.row_bytes
         self.shard_size = manifest.shard_size
-        self._fds: dict[int, int] = {}
-        self._offsets: dict[int, np.ndarray] = {}
+        self.max_open = _open_cap(max_open)
+        self._open_shards: OrderedDict[int, _Shard] = OrderedDict()  # LRU: least recently used first
+        # Parsed shard indexes outlive their descriptors (8 bytes a row: 10 MB for ImageNet), so reopening a shard
+        # closed by the LRU costs an open and an fstat, not a re-read of its index. Keyed by the file's identity:
+        # a shard rewritten meanwhile (repair, then its encode) is parsed again.
+        self._indexes: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
         self._lock = threading.Lock()
-        self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
 
     def shard_path(self, k: int) -> Path:
-        return self.paths.shard_file(self.name, k, len(self.shape))
+        return self.paths.shard_file(self.name, k, len(self.stored_row) + 1)
 
-    def _open(self, k: int) -> tuple[int, np.ndarray]:
+    def _acquire(self, k: int) -> _Shard:
+        """Shard k open and in use by the caller (release with `_release`); opens it, closing unused ones past
+        `max_open`, on first use."""
         with self._lock:
-            if k in self._fds:
-                return self._fds[k], self._offsets[k]
-            path = self.shard_path(k)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise self._shard_damage(k, f"cannot be opened ({path}: {e.strerror})") from None
-            index = self._read_index(fd, k, path)
-            self._fds[k], self._offsets[k] = fd, index[:, 0].copy()
-            return fd, self._offsets[k]
+            sh = self._open_shards.get(k)
+            if sh is not None:
+                self._open_shards.move_to_end(k)
+                sh.users += 1
+                return sh
+            self._evict(self.max_open - 1)
+            sh = self._open_new(k)
+            sh.users = 1
+            self._open_shards[k] = sh
+            return sh
+
+    def _release(self, sh: _Shard) -> None:
+        with self._lock:
+            sh.users -= 1
+
+    def _evict(self, keep: int) -> None:
+        """Close least recently used shards not in use until at most `keep` are open. Call holding the lock."""
+        for k in [k for k, sh in self._open_shards.items() if sh.users == 0]:
+            if len(self._open_shards) <= keep:
+                break
+            os.close(self._open_shards.pop(k).fd)
+
+    def _open_new(self, k: int) -> _Shard:
+        path = self.shard_path(k)
+        try:
+            # O_NONBLOCK: a FIFO in a shard's place must not block the open; a regular file ignores the flag.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise _fd_limit_error(path, e) from None
+            raise self._shard_damage(k, f"cannot be opened ({path}: {e.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._shard_damage(k, f"is not a regular file ({path})")
+            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = self._indexes.get(k)
+            if known is None or known[0] != ident:
+                known = (ident, self._read_index(fd, k, path)[:, 0].copy())
+                self._indexes[k] = known
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Shard(fd, known[1])
 
     def check_shard(self, k: int) -> None:
         """Open shard k and check its index (raises CorruptDataError naming what is wrong); rows are not read."""
-        self._open(k)
+        self._release(self._acquire(k))
 
     def _read_index(self, fd: int, k: int, path: Path) -> np.ndarray:
         """The shard index ((shard_size, 2) offsets and sizes), its own crc32c checked."""
@@ -73,12 +170,10 @@ class ArrayReader:
         size = os.fstat(fd).st_size
         raw = os.pread(fd, idx_bytes + _CRC, max(0, size - idx_bytes - _CRC))
         if len(raw) != idx_bytes + _CRC or crc32c.crc32c(raw[:idx_bytes]) != int.from_bytes(raw[idx_bytes:], "little"):
-            os.close(fd)
             raise self._shard_damage(k, f"index checksum mismatch ({path})")
         index = np.frombuffer(raw[:idx_bytes], dtype="<u8").reshape(self.shard_size, 2)
         sizes = index[:, 1][index[:, 0] != _EMPTY]
         if (sizes != self.row_bytes + _CRC).any():
-            os.close(fd)
             raise self._shard_damage(k, f"holds rows of {int(sizes.max())} bytes, the manifest says "
                                         f"{self.row_bytes} + {_CRC} ({path})")
         return index
@@ -89,24 +184,36 @@ class ArrayReader:
                                 f"{self.root}`", detail=what)
 
     def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
-        """Read global rows `rows` (all in one shard) into out[pos], checking each row's crc32c."""
+        """Read global rows `rows` (all in one shard) into out[pos], checking each row's crc32c; int8 rows are
+        read into a task-local buffer and dequantized into out[pos] in one vectorized step."""
         k = int(rows[0]) // self.shard_size
-        fd, offsets = self._open(k)
-        flat = out.reshape(out.shape[0], -1).view(np.uint8)
+        raw = scratch("rows", (len(rows), *self.stored_row), self.stored_dtype) if self.quantized else None
+        buf = raw if raw is not None else out
+        flat = buf.reshape(buf.shape[0], -1).view(np.uint8)
         crcs = np.empty(len(rows), dtype="<u4")
         crc_bytes = crcs.view(np.uint8)
-        for j, (r, p) in enumerate(zip(rows, pos)):
-            off = offsets[int(r) - k * self.shard_size]
-            if off == _EMPTY:
-                raise CorruptDataError(f"{self.root}: row {r} of {self.name} (shard {k}) was never written")
-            n = os.preadv(fd, [flat[p], crc_bytes[j * _CRC:(j + 1) * _CRC]], int(off))
-            if n != self.row_bytes + _CRC:
-                raise CorruptDataError(f"{self.root}: short read of row {r} of {self.name} in shard {k} "
-                                       f"({self.shard_path(k)})")
-            if crc32c.crc32c(flat[p]) != crcs[j]:
-                raise CorruptDataError(
-                    f"{self.root}: {self.name} shard {k} row {r}: checksum mismatch, the bytes on disk differ from "
-                    f"what was written ({self.shard_path(k)}); run `repa-pipe cache verify {self.root}`")
+        sh = self._acquire(k)
+        try:
+            for j, (r, p) in enumerate(zip(rows, pos)):
+                off = sh.offsets[int(r) - k * self.shard_size]
+                if off == _EMPTY:
+                    raise CorruptDataError(f"{self.root}: row {r} of {self.name} (shard {k}) was never written")
+                dst = flat[j] if raw is not None else flat[p]
+                n = os.preadv(sh.fd, [dst, crc_bytes[j * _CRC:(j + 1) * _CRC]], int(off))
+                if n != self.row_bytes + _CRC:
+                    raise CorruptDataError(f"{self.root}: short read of row {r} of {self.name} in shard {k} "
+                                           f"({self.shard_path(k)})")
+                if crc32c.crc32c(dst) != crcs[j]:
+                    raise CorruptDataError(
+                        f"{self.root}: {self.name} shard {k} row {r}: checksum mismatch, the bytes on disk differ "
+                        f"from what was written ({self.shard_path(k)}); run `repa-pipe cache verify {self.root}`")
+        finally:
+            self._release(sh)
+        if raw is not None:
+            if np.all(np.diff(pos) == 1):  # a run of rows: dequantize straight into the caller's buffer
+                dequantize_int8(raw, out[pos[0]:pos[0] + len(pos)])
+            else:
+                out[pos] = dequantize_int8(raw, np.empty((len(pos), *self.shape[1:]), dtype=self.dtype))
 
     def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows `indices` (any order, repeats allowed) -> array (len(indices), *shape[1:]).
@@ -131,50 +238,45 @@ class ArrayReader:
                 f.result()
         return out
 
+    @property
+    def open_files(self) -> int:
+        return len(self._open_shards)
+
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for sh in self._open_shards.values():
+                os.close(sh.fd)
+            self._open_shards.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    def __getstate__(self) -> dict:  # picklable for DataLoader workers: reopen lazily in the child
-        state = dict(self.__dict__)
-        state.update(_fds={}, _offsets={}, _lock=None, _pool=None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=self._threads) if self._threads > 1 else None
-
 
 def disk_problems(root: Path, manifest: Manifest, name: str,
-                  markers: dict[int, dict]) -> list[tuple[Optional[int], str]]:
+                  markers: dict[int, ShardMarker]) -> list[tuple[Optional[int], str]]:
     """What a stat and the array's zarr.json can tell: metadata equal to the manifest's spec, and every done
     shard's file present with the size its marker recorded. One (shard or None for the array, line) each."""
     spec = manifest.array(name).spec
     paths = CachePaths(Path(root))
     meta_path = paths.array_dir(name) / "zarr.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(layout.check_regular(meta_path).read_text())
         shard = meta["codecs"][0]["configuration"]
         on_disk = (tuple(meta["shape"]), meta["data_type"], tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
                    tuple(shard["chunk_shape"]), [c["name"] for c in shard["codecs"]])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         return [(None, f"{name}: unreadable array metadata {meta_path} ({type(e).__name__}: {e})")]
-    want = (spec.shape, spec.dtype, (manifest.shard_size, *spec.row_shape), (1, *spec.row_shape),
-            ["bytes", "crc32c"])
+    row = spec.stored_row_shape
+    want = ((spec.shape[0], *row), spec.dtype, (manifest.shard_size, *row), (1, *row), ["bytes", "crc32c"])
     labels = ("shape", "dtype", "shard shape", "row chunk", "row codecs")
     out: list[tuple[Optional[int], str]] = [
         (None, f"{name}: {what} on disk {d!r} but the manifest says {w!r} ({meta_path})")
         for what, d, w in zip(labels, on_disk, want) if d != w]
     for k, mk in sorted(markers.items()):
-        path = paths.shard_file(name, k, len(spec.shape))
+        path = paths.shard_file(name, k, len(row) + 1)
         if not path.is_file():
             out.append((k, f"{name}: shard {k} is marked done but its file is missing ({path})"))
-        elif path.stat().st_size != mk.get("bytes"):
-            out.append((k, f"{name}: shard {k} has {path.stat().st_size} bytes, {mk.get('bytes')} were written "
+        elif path.stat().st_size != mk.bytes:
+            out.append((k, f"{name}: shard {k} has {path.stat().st_size} bytes, {mk.bytes} were written "
                            f"({path})"))
     return out
 
@@ -182,7 +284,7 @@ def disk_problems(root: Path, manifest: Manifest, name: str,
 def check_ready(root: Path, manifest: Manifest, names: list[str]) -> None:
     """Before training reads `names`: the first disk problem (see `disk_problems`) as a CorruptDataError."""
     for name in names:
-        markers, unreadable = read_markers(root, name, manifest.num_shards)
+        markers, unreadable = read_markers(root, name, manifest.num_shards, manifest.n)
         problems = [line for _, line in unreadable + disk_problems(root, manifest, name, markers)]
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
@@ -209,6 +311,7 @@ class CacheReader:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.names = list(names)
+        raise_fd_limit()
         self.arrays = {n: ArrayReader(self.root, self.manifest, n, threads) for n in self.names}
         self.labels = check_labels(self.root, self.manifest)
         self.valid = self.manifest.valid_mask(self.names)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
@@ -20,10 +19,12 @@ from zarr.codecs import Crc32cCodec
 from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.cache.lock import cache_lock, wait_for_cache_lock
-from repa_pipe.cache.manifest import (DEFAULT_SHARD_SIZE, ArrayEntry, ArraySpec, BadRow, Dataset, Manifest, is_cache,
-                                      read_manifest, utc_now, write_manifest)
+from repa_pipe.cache.manifest import (DEFAULT_SHARD_SIZE, ArrayEntry, ArraySpec, BadRow, Dataset, Manifest,
+                                      ShardMarker, is_cache, read_manifest, read_markers, utc_now, write_manifest,
+                                      write_marker)
+from repa_pipe.cache.quant import empty_int8, quantize_int8
 from repa_pipe.pipeline.errors import CacheMismatchError, NotACacheError
-from repa_pipe.pipeline.fileio import atomic_write_json, fsync_path, read_json
+from repa_pipe.pipeline.fileio import fsync_path, read_json
 
 LOCK_FILES = {".lock", "locks"}
 CREATION_FILES = {"index", "cache.zarr"}  # written, in this order, before the manifest of a new cache
@@ -110,10 +111,12 @@ def ensure_array(root: Path, spec: ArraySpec) -> Manifest:
         group = zarr.open_group(store=str(CachePaths(root).zarr), mode="a", zarr_format=3)
         # One sample per inner chunk, raw bytes plus a crc32c each: every row is a fixed-stride, self-checking
         # slice of its shard file, which is what the pread reader relies on. NaN fill: a row never written reads
-        # as NaN, never as zeros.
-        group.create_array(spec.name, shape=spec.shape, chunks=(1, *spec.row_shape),
-                           shards=(m.shard_size, *spec.row_shape), dtype=spec.dtype, compressors=[Crc32cCodec()],
-                           fill_value=np.nan, config={"write_empty_chunks": True}, overwrite=True)
+        # as NaN, never as zeros (int8 rows carry their NaN in the scale: the writer always writes whole shards).
+        row = spec.stored_row_shape
+        group.create_array(spec.name, shape=(spec.shape[0], *row), chunks=(1, *row), shards=(m.shard_size, *row),
+                           dtype=spec.dtype, compressors=[Crc32cCodec()],
+                           fill_value=0 if spec.quantized else np.nan, config={"write_empty_chunks": True},
+                           overwrite=True)
         m = m.with_array(ArrayEntry(spec=spec, created_utc=utc_now()))
         write_manifest(root, m)
         return m
@@ -136,14 +139,6 @@ def clean_array_debris(root: Path, name: str) -> int:
     for p in found:
         p.unlink(missing_ok=True)
     return len(found)
-
-
-def file_crc32c(path: Path, chunk: int = 1 << 24) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = google_crc32c.extend(crc, block)
-    return crc
 
 
 class ShardWriter:
@@ -174,12 +169,27 @@ class ShardWriter:
             return False
 
     def pending(self, shards: Iterable[int]) -> list[int]:
-        return [k for k in shards if not self.is_done(k)]
+        """The shards of `shards` not done. Lists the done folder once rather than probing a marker per shard:
+        a resumed encode of an ImageNet-sized cache checks 1,252 shards per array (bench/scale.py)."""
+        done_dir = self.paths.done_dir(self.name)
+        present = {p.name for p in done_dir.iterdir()} if done_dir.is_dir() else set()
+        return [k for k in shards if self.paths.done_marker(self.name, k).name not in present or not self.is_done(k)]
+
+    def empty_rows(self, n: int) -> np.ndarray:
+        """n stored rows that read back as NaN: the buffer a shard's encode fills."""
+        shape = (n, *self.spec.stored_row_shape)
+        return empty_int8(shape) if self.spec.quantized else np.full(shape, np.nan, dtype=self.spec.dtype)
+
+    def store_rows(self, x: np.ndarray) -> np.ndarray:
+        """(B, *row) float model output -> (B, *stored row) in the array's stored form."""
+        return quantize_int8(x) if self.spec.quantized else x.astype(self.spec.dtype, copy=False)
 
     def write(self, k: int, data: np.ndarray, bad: list[BadRow]) -> None:
-        """Write shard k whole (`data` has all its rows; bad rows already NaN), fsync, then mark it done."""
+        """Write shard k whole (`data` has all its rows, stored form, bad rows as `empty_rows`), fsync, then
+        mark it done. The marker records the file's size, not a whole-file crc32c: that would cost a re-read
+        of the shard at write time and add nothing to the per-row and index checksums `cache verify` checks."""
         start, stop = self.manifest.shard_range(k)
-        expect = (stop - start, *self.spec.row_shape)
+        expect = (stop - start, *self.spec.stored_row_shape)
         if data.shape != expect:
             raise ValueError(f"shard {k} of {self.name}: got {data.shape}, expected {expect}")
         path = self.paths.shard_file(self.name, k, len(expect))
@@ -189,29 +199,9 @@ class ShardWriter:
         self.array[start:stop] = data.astype(self.spec.dtype, copy=False)
         fsync_path(path)
         fsync_path(path.parent)
-        marker = {"k": k, "start": start, "stop": stop, "bytes": path.stat().st_size, "crc32c": file_crc32c(path),
-                  "spec_hash": self.spec_hash, "bad": [dataclasses.asdict(b) for b in bad],
-                  "written_utc": utc_now()}
-        atomic_write_json(self.paths.done_marker(self.name, k), marker)
-
-
-def read_markers(root: Path, name: str,
-                 n_shards: int) -> tuple[dict[int, dict[str, Any]], list[tuple[int, str]]]:
-    """({k: marker} for readable markers, [(k, one line) per unreadable marker])."""
-    paths = CachePaths(Path(root))
-    out, problems = {}, []
-    for k in range(n_shards):
-        p = paths.done_marker(name, k)
-        if not p.is_file():
-            continue
-        try:
-            marker = read_json(p)
-            if not isinstance(marker, dict):
-                raise ValueError("not a JSON object")
-            out[k] = marker
-        except (ValueError, OSError) as e:
-            problems.append((k, f"{name}: shard {k}: unreadable done marker {p} ({type(e).__name__}: {e})"))
-    return out, problems
+        write_marker(self.root, self.name, ShardMarker(k=k, start=start, stop=stop, bytes=path.stat().st_size,
+                                                       spec_hash=self.spec_hash, bad=tuple(bad),
+                                                       written_utc=utc_now()))
 
 
 def finalize(root: Path, name: str) -> Manifest:
@@ -221,9 +211,9 @@ def finalize(root: Path, name: str) -> Manifest:
     with cache_lock(root):
         m = read_manifest(root)
         entry = m.array(name)
-        markers, _ = read_markers(root, name, m.num_shards)
-        good = [mk for mk in markers.values() if mk.get("spec_hash") == entry.spec.spec_hash]
-        bad = sorted((BadRow(**b) for mk in good for b in mk["bad"]), key=lambda b: b.index)
+        markers, _ = read_markers(root, name, m.num_shards, m.n)
+        good = [mk for mk in markers.values() if mk.spec_hash == entry.spec.spec_hash]
+        bad = sorted((b for mk in good for b in mk.bad), key=lambda b: b.index)
         complete = len(good) == m.num_shards
         entry = dataclasses.replace(entry, bad=tuple(bad), shards_done=len(good),
                                     status="complete" if complete else "in_progress",

@@ -13,6 +13,9 @@ from repa_pipe.pipeline.errors import ConfigError
 from repa_pipe.pipeline.precision import ENCODE_NAMES as PRECISION_NAMES
 
 DEFAULT_RESOLUTION = 256
+# The largest crop accepted. The paper trains at 256 and 512 px; at 4096 px one decoded crop is already 48 MiB of
+# uint8 and an sd-vae latent 512x512x4 per image, so a larger value is a typo, refused before a cache exists.
+MAX_RESOLUTION = 4096
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,9 @@ class _Common:
                                     "TF32 off), tf32, bf16, fp16.", metavar="P", choices=PRECISION_NAMES)
     skip_bad: bool = option(False, "Record bad images and labels (path, reason) in the manifest and mark their "
                                    "rows invalid, instead of stopping at the first one.")
-    num_classes: Optional[int] = option(None, "Labels must lie in [0, N). Default: the number of class folders of "
-                                              "an ImageFolder; for tar shards the largest label + 1, at most "
-                                              "100,000.", metavar="N")
+    num_classes: Optional[int] = option(None, "Labels must lie in [0, N), N at most 100,000 (ImageNet-21k has "
+                                              "21,841). Default: the number of class folders of an ImageFolder; "
+                                              "for tar shards the largest label + 1.", metavar="N")
     max_megapixels: float = option(DEFAULT_MAX_MEGAPIXELS, "Pixel budget: an image whose header declares more "
                                    "megapixels is a bad image (found before it is decoded).", metavar="MPX")
     max_image_mb: Optional[float] = option(None, "Byte cap per image file, tar member or parquet value, checked "
@@ -59,6 +62,13 @@ class _Common:
         check_choices(self)
         check_at_least(self, ("batch_size", "shard_size", "resolution", "num_classes"), 1)
         check_at_least(self, ("workers",), 0)
+        if self.resolution is not None and self.resolution > MAX_RESOLUTION:
+            raise ConfigError(f"--resolution {self.resolution}: at most {MAX_RESOLUTION} px (one decoded crop of "
+                              f"{self.resolution} px would take {3 * self.resolution ** 2 / 2 ** 30:.1f} GiB)")
+        from repa_pipe.cache.manifest import MAX_CLASSES  # here: the manifest module is not light (--help)
+        if self.num_classes is not None and self.num_classes > MAX_CLASSES:
+            raise ConfigError(f"--num-classes {self.num_classes}: at most {MAX_CLASSES:,} (the class embedding "
+                              "of a model trained on the cache grows with it)")
         for name in ("max_megapixels", "max_image_mb"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
@@ -96,7 +106,12 @@ class _Features:
                                                   "official format) instead of the hub.", metavar="FILE")
     grid: Optional[int] = option(None, "Token grid per side. Default: a patch-2 SiT's grid on the cache's "
                                        "latents, or resolution/16 without latents.", metavar="N")
-    dtype: str = option("float16", "Stored feature dtype.", metavar="DTYPE", choices=("float16", "float32"))
+    feature_dtype: str = option("float16", "Stored feature dtype: float16, float32, or int8 (each token "
+                                           "quantized on its absmax with a float32 scale: 0.50x float16's bytes; "
+                                           "read back as float16, docs/cache.md).", metavar="DTYPE",
+                                choices=("float16", "float32", "int8"))
+    with_cls: bool = option(False, "Also store the encoder's class token (after its final norm) as the array "
+                                   "cls/<encoder>, beside the patch tokens; training ignores it.")
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,16 @@ writing whole shards.
 Batches never cross a shard boundary, so a shard's bytes do not depend on how many ranks ran or on which
 shards were already done: a resumed or multi-process run writes the same cache as one uninterrupted run.
 SIGINT/SIGTERM stop at the next batch boundary; every finished shard is kept.
+
+One job may fill several arrays from one model pass (encode-features --with-cls: patch tokens and the class
+token): they share shards, and a shard is encoded again unless every one of its arrays has it done.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +33,8 @@ from repa_pipe.pipeline.precision import compute
 from repa_pipe.pipeline.progress import Tracker, log
 from repa_pipe.pipeline.signals import StopOnSignal, Stopped, loader_worker_init
 
-# (uint8 images (B, 3, H, W) on the device) -> float rows (B, *row_shape)
-ModelFn = Callable[[torch.Tensor], torch.Tensor]
+# (uint8 images (B, 3, H, W) on the device) -> float rows (B, *row_shape), or a tuple of them, one per array
+ModelFn = Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 @dataclass
@@ -98,41 +101,49 @@ def resume_precision(cache: Path, spec: ArraySpec, asked: str) -> ArraySpec:
     return dataclasses.replace(spec, precision=have.spec.precision) if have is not None else spec
 
 
-def precheck(job: EncodeJob, spec: ArraySpec) -> None:
+def precheck(job: EncodeJob, specs: Sequence[ArraySpec]) -> None:
     """Every check that can refuse the job, before anything is written: the folder, the cache's images,
     resolution and shard size, and an existing array's spec."""
     writer.check_target(job.cache)
     m = existing_manifest(job.cache)
     if m is not None:
         writer.check_same(m, job.source.dataset(), job.resolution, job.shard_size, job.cache)
-        writer.check_spec(m, spec, job.cache)
+        for spec in specs:
+            writer.check_spec(m, spec, job.cache)
 
 
-def run_job(job: EncodeJob, spec: ArraySpec, forward: ModelFn, precision: str) -> None:
-    """Create (or check) the array, then encode every pending shard with `forward` under `precision`."""
-    precheck(job, spec)
-    lock = ArrayLock(job.cache, spec.name)
+def run_job(job: EncodeJob, spec: ArraySpec, forward: ModelFn, precision: str,
+            extra: Sequence[ArraySpec] = ()) -> None:
+    """Create (or check) the array, then encode every pending shard with `forward` under `precision`.
+    `extra`: more arrays filled by the same pass; `forward` then returns one tensor per array, `spec`'s first."""
+    specs = [spec, *extra]
+    precheck(job, specs)
+    locks = [ArrayLock(job.cache, s.name) for s in specs]
 
     def create() -> None:
-        lock.acquire()  # refuses a second job writing this array, naming the holder
+        for lock in locks:
+            lock.acquire()  # refuses a second job writing this array, naming the holder
         src = job.source
         writer.open_or_create(job.cache, src.dataset(), list(src.keys), np.asarray(src.labels), job.resolution,
                               job.shard_size)
-        writer.ensure_array(job.cache, spec)
-        if writer.clean_array_debris(job.cache, spec.name):
-            log(f"{job.desc}: removed temp files of an interrupted run")
+        for s in specs:
+            writer.ensure_array(job.cache, s)
+            if writer.clean_array_debris(job.cache, s.name):
+                log(f"{job.desc}: removed temp files of an interrupted run of {s.name}")
 
     device = dist.device()
 
-    def model_fn(x: torch.Tensor) -> torch.Tensor:
+    def model_fn(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with compute(precision, device):  # autocast / TF32 for the forward only, the caller's flags after it
-            return forward(x)
+            out = forward(x)
+        return out if isinstance(out, tuple) else (out,)
 
     try:
         dist.run_on_rank0(create)
-        encode_shards(job, spec.name, read_manifest(job.cache), model_fn)
+        encode_shards(job, [s.name for s in specs], read_manifest(job.cache), model_fn)
     finally:
-        lock.release()
+        for lock in locks:
+            lock.release()
 
 
 def _shard_batches(ranges: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -144,23 +155,26 @@ def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, n_shards, world_size))
 
 
-def encode_shards(job: EncodeJob, name: str, manifest: Manifest, model_fn: ModelFn) -> None:
-    """Fill every pending shard this rank owns; then rank 0 finalizes. Errors on any rank stop all ranks,
-    after every rank has kept the shards it finished."""
-    w = writer.ShardWriter(job.cache, manifest, name)
-    todo = set(w.pending(range(w.num_shards)))  # reads every done marker once
+def encode_shards(job: EncodeJob, names: Sequence[str], manifest: Manifest, model_fn: ModelFn) -> None:
+    """Fill every pending shard this rank owns in arrays `names` (one model pass fills them all); then rank 0
+    finalizes. Errors on any rank stop all ranks, after every rank has kept the shards it finished."""
+    ws = [writer.ShardWriter(job.cache, manifest, n) for n in names]
+    w, name = ws[0], names[0]
+    todo = set().union(*(set(x.pending(range(w.num_shards))) for x in ws))  # lists each done folder once
     mine = [k for k in owned_shards(w.num_shards, dist.get_rank(), dist.get_world_size()) if k in todo]
     log(f"{job.desc}: {w.num_shards - len(todo)}/{w.num_shards} shards already done; "
         f"{dist.get_world_size()} process(es)")
     err: Optional[RepaError] = None
     with StopOnSignal() as stop:
         try:
-            _encode_owned(job, w, mine, model_fn, stop)
+            _encode_owned(job, ws, mine, model_fn, stop)
         except RepaError as e:
             err = e
     errors = [e for e in dist.all_gather_object(err) if e is not None]
     final = None
     if dist.is_main() and (not errors or all(isinstance(e, Stopped) for e in errors)):
+        for extra in names[1:]:
+            writer.finalize(job.cache, extra)
         final = writer.finalize(job.cache, name).array(name)
     if errors:
         first = errors[0]
@@ -175,8 +189,9 @@ def encode_shards(job: EncodeJob, name: str, manifest: Manifest, model_fn: Model
     dist.barrier()
 
 
-def _encode_owned(job: EncodeJob, w: writer.ShardWriter, shards: list[int], model_fn: ModelFn,
+def _encode_owned(job: EncodeJob, ws: list[writer.ShardWriter], shards: list[int], model_fn: ModelFn,
                   stop: StopOnSignal) -> None:
+    w = ws[0]
     ranges = [w.manifest.shard_range(k) for k in shards]
     if not ranges:
         return
@@ -187,28 +202,28 @@ def _encode_owned(job: EncodeJob, w: writer.ShardWriter, shards: list[int], mode
                         collate_fn=collate_preprocessed,
                         persistent_workers=False, prefetch_factor=4 if job.workers else None,
                         worker_init_fn=loader_worker_init if job.workers else None)
-    row_shape = w.spec.row_shape
     it = iter(loader)
     try:
         with Tracker(job.desc, sum(e - s for s, e in ranges)) as bar:
             for k, (start, stop_row) in zip(shards, ranges):
-                buf = np.full((stop_row - start, *row_shape), np.nan, dtype=w.spec.dtype)
+                bufs = [x.empty_rows(stop_row - start) for x in ws]  # stored form; unfilled rows read as NaN
                 bad: list[BadRow] = []
                 for _ in range(start, stop_row, job.batch_size):
                     if stop.requested:
                         raise Stopped(stop.name, stop.signum)
                     batch = next(it)
-                    _encode_batch(job, batch, start, buf, bad, model_fn, w.spec)
+                    _encode_batch(job, batch, start, bufs, bad, model_fn, ws)
                     bar.update(len(batch.indices))
-                w.write(k, buf, bad)
+                for x, buf in zip(ws, bufs):
+                    x.write(k, buf, bad)
     finally:
         # Shut the loader's workers down now: on an error or a stop the exception's traceback would keep this frame,
         # and so the iterator, alive until exit, where its workers (which ignore SIGTERM) would block the exit.
         del it
 
 
-def _encode_batch(job: EncodeJob, batch: PreprocessedBatch, shard_start: int, buf: np.ndarray,
-                  bad: list[BadRow], model_fn: ModelFn, spec: ArraySpec) -> None:
+def _encode_batch(job: EncodeJob, batch: PreprocessedBatch, shard_start: int, bufs: list[np.ndarray],
+                  bad: list[BadRow], model_fn: ModelFn, ws: list[writer.ShardWriter]) -> None:
     for index, ok, reason in zip(batch.indices, batch.valid, batch.reasons):
         if ok:
             continue
@@ -221,20 +236,33 @@ def _encode_batch(job: EncodeJob, batch: PreprocessedBatch, shard_start: int, bu
         return
     # (B, 3, H, W) uint8 with NHWC strides (channels_last): the layout cuDNN's fastest convolutions read
     x = torch.from_numpy(batch.images[batch.valid]).permute(0, 3, 1, 2)
+    rows = batch.indices[batch.valid] - shard_start
     device = dist.device()
     on_gpu = device.type == "cuda"
     if on_gpu:  # page-locked, so the copy to the GPU is asynchronous (a pageable copy makes the host wait)
         x = x.pin_memory()
+    stored, finite = [], []
     with torch.inference_mode():
-        out = model_fn(x.to(device, non_blocking=on_gpu)).to(getattr(torch, spec.dtype))
-        finite_dev = torch.isfinite(out.flatten(1)).all(dim=1)  # on the device: no host pass over the values
-        # one wait for the GPU per batch: both results come back on the stream, then a single synchronize
-        out, finite_t = out.to("cpu", non_blocking=on_gpu), finite_dev.to("cpu", non_blocking=on_gpu)
-        if on_gpu:
+        outs = model_fn(x.to(device, non_blocking=on_gpu))
+        for w, out in zip(ws, outs):
+            spec = w.spec
+            out = out.reshape(len(rows), *spec.row_shape)
+            # Finite in the dtype served to training (int8 rows are read back as float16), on the device: no host
+            # pass over the values.
+            ok = torch.isfinite(out.to(getattr(torch, spec.read_dtype)).flatten(1)).all(dim=1)
+            # Stored from the float32 model output: float16 rounds once, int8 quantizes the float32 values.
+            out = out.to(torch.float32 if spec.quantized else getattr(torch, spec.dtype))
+            stored.append(out.to("cpu", non_blocking=on_gpu))
+            finite.append(ok.to("cpu", non_blocking=on_gpu))
+        if on_gpu:  # one wait for the GPU per batch: every result comes back on the stream, then one synchronize
             torch.cuda.current_stream(device).synchronize()
-        finite = finite_t.numpy()
-    if not finite.all():
-        first = int(batch.indices[batch.valid][~finite][0])
-        raise BadInputError(f"{job.source.where(first)}: {spec.model.name} gave NaN or Inf for this image (in "
-                            f"{spec.dtype}); try --precision fp32, or --dtype float32 for values beyond float16")
-    buf[batch.indices[batch.valid] - shard_start] = out.float().cpu().numpy()
+    for w, buf, out, ok in zip(ws, bufs, stored, finite):
+        spec = w.spec
+        ok = ok.numpy()
+        if not ok.all():
+            first = int(batch.indices[batch.valid][~ok][0])
+            raise BadInputError(f"{job.source.where(first)}: {spec.model.name} gave NaN or Inf for this image (in "
+                                f"{spec.read_dtype}); try --precision fp32, or "
+                                f"{'--dtype' if spec.kind == 'latents' else '--feature-dtype'} float32 for values "
+                                "beyond float16")
+        buf[rows] = w.store_rows(out.float().numpy())

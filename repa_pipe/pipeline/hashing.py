@@ -4,9 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a state dict is hashed: `cache info`/`verify` never load it (700 MiB)
+    import torch
 
 
 def hash_json(obj: Any, n: int = 16) -> str:
@@ -40,6 +41,8 @@ def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def hash_state_dict(sd: Mapping[str, torch.Tensor], n: int = 16) -> str:
     """Hash of names, shapes, dtypes and values: identifies weights whatever file format they came in."""
+    import torch
+
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()

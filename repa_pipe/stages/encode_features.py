@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from repa_pipe.cache.manifest import features_spec
+from repa_pipe.cache.manifest import cls_spec, features_spec
 from repa_pipe.encoding import runner
 from repa_pipe.encoding.config import EncodeFeaturesConfig
 from repa_pipe.models.feature_encoders import load_encoder
@@ -36,8 +36,15 @@ def run(cfg: EncodeFeaturesConfig) -> None:
     enc = load_encoder(cfg.encoder, cfg.encoder_weights, grid=grid, device=device)
     if enc.is_random_init:
         log(f"[yellow]{cfg.encoder}: random-init encoder (for tests), not a pretrained one[/]")
-    spec = features_spec(enc.describe(), len(source), res, cfg.dtype, precision)
-    job = runner.job_from(cfg, source, res, desc=f"encode-features {cfg.encoder}")
-    # forward: (B, 3, H, W) uint8 -> (B, T, D) float32 patch tokens
+    if cfg.with_cls and not enc.spec.has_cls:
+        raise ConfigError(f"--with-cls: encoder {cfg.encoder} has no class token")
+    spec = features_spec(enc.describe(), len(source), res, cfg.feature_dtype, precision)
     spec = runner.resume_precision(Path(cfg.cache), spec, cfg.precision)
-    runner.run_job(job, spec, enc, spec.precision)
+    job = runner.job_from(cfg, source, res, desc=f"encode-features {cfg.encoder}")
+    if cfg.with_cls:
+        # forward: (B, 3, H, W) uint8 -> ((B, T, D) patch tokens, (B, D) class token), float32, one pass
+        extra = [cls_spec(enc.describe(), len(source), res, cfg.feature_dtype, spec.precision)]
+        runner.run_job(job, spec, enc.forward_with_cls, spec.precision, extra)
+    else:
+        # forward: (B, 3, H, W) uint8 -> (B, T, D) float32 patch tokens
+        runner.run_job(job, spec, enc, spec.precision)
