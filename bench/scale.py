@@ -64,7 +64,7 @@ print("pending", len(w.pending(range(w.num_shards))))
 """,
     "cache info": "CLI cache info ROOT",
     "cache verify (every done row)": "CLI cache verify ROOT",
-    "training start-up (view + first batch)": f"""
+    "training start-up (view + first batch)": """
 import numpy as np
 from pathlib import Path
 from repa_pipe.cache.manifest import read_manifest, training_view

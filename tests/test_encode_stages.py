@@ -224,6 +224,9 @@ def test_hub_model_offline_without_weights_is_one_line_error(cmd, option, folder
     assert not cache.exists()  # nothing was created before the weights were found missing
 
 
+# slow: a real process importing diffusers (~4 s); test_hub_model_offline_without_weights_is_one_line_error covers
+# the same refusal in-process with every network call forbidden
+@pytest.mark.slow
 def test_hub_vae_offline_real_process_fails_fast(folder, tmp_path):
     cache = tmp_path / "cache"
     t0 = time.monotonic()
@@ -239,6 +242,9 @@ def test_hub_vae_offline_real_process_fails_fast(folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- 4. SIGKILL + resume
+# slow: test_cache_integrity.py's test_sigkilled_encode_leaves_no_loader_worker_alive_and_resumes covers a SIGKILLed
+# encode resuming from its done shards
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_cache(tmp_path):
     src = make_imagefolder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=24, seed=4)  # 96 images
     # 24 shards of 4; grid 8 so that the ~0.7 s between the first marker and the end leave time for the kill

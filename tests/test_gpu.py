@@ -139,7 +139,7 @@ print("read", 60 * 8, "rows")
 
 
 def test_reader_runs_under_ulimit_n_256(cuda, tmp_path):
-    """Issue 16 item 3: one descriptor per shard per array, kept open, ran out of files at ImageNet scale."""
+    """One descriptor per shard per array, kept open, ran out of files at ImageNet scale."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     p = subprocess.run([sys.executable, "-c", READER_UNDER_LOW_ULIMIT, str(tmp_path / "c")], env=env,
                        capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Hostile and careless inputs to the cache (issue 17, the cache's part; issue 16 item 3): each case a refusal in
+"""Hostile and careless inputs to the cache and a reader with more shards than open files: each case a refusal in
 one line, nothing outside the cache touched, nothing already written lost.
 
 - array names in manifest.json that leave the cache (absolute, `..`, through a symlinked folder)
@@ -22,7 +22,7 @@ import pytest
 
 from fixtures import invoke, make_imagefolder
 from repa_pipe.cache import inspect, reader, writer
-from repa_pipe.cache.manifest import ArraySpec, BadRow, Dataset, Provenance, read_manifest
+from repa_pipe.cache.manifest import ArraySpec, Dataset, Provenance, read_manifest
 from repa_pipe.pipeline.errors import CorruptDataError, NotACacheError
 from repa_pipe.pipeline.hashing import hash_lines, sha256_int64
 

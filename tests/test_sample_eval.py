@@ -314,6 +314,9 @@ def test_balanced_labels_are_i_mod_num_classes(setup, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- 3. kill and resume
+# slow: a SIGKILLed subprocess; test_user_traps.py's test_6_sigterm_during_sample_eval_keeps_finished_shards_and_resumes
+# covers a stopped sample-eval resuming from its finished shards
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_output(setup, tmp_path):
     steps = 40  # ~1 s a shard here: time to SIGKILL between the first and the last shard
     killed, full = tmp_path / "killed", tmp_path / "full"
@@ -416,6 +419,9 @@ def test_wrong_model_and_missing_checkpoint_are_clear_errors(setup, tmp_path):
 METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
+# slow: three Inception passes (~17 s); test_fd_dinov2_reference_stats_and_metric_through_the_stage covers stored
+# reference statistics through the stage, test_metrics.py the metrics themselves
+@pytest.mark.slow
 def test_metrics_reference_stats_stored_and_reused_and_eval_only(setup, inception, tmp_path, monkeypatch):
     # ADM's scipy sqrtm of 2048 x 2048 costs ~30 s a call on this box; the eigh form agrees to ~1e-6
     # (tests/test_metrics.py) and keeps the two real evaluations here fast.

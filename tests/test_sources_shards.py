@@ -329,6 +329,9 @@ def test_damaged_parquet_stops_encode_with_its_path_unless_skip_bad(tmp_path: Pa
     assert m["dataset"]["n"] == 7 and any(str(bad) in n for n in m["dataset"]["notes"])
 
 
+# slow: torchrun; test_encode_stages.py's 2-rank torchrun test covers the rank split of whole shards, and the
+# in-process world-size test here covers parquet's indices under 1, 2 and 3 ranks
+@pytest.mark.slow
 def test_two_gloo_ranks_under_torchrun_encode_parquet_like_one_process(tmp_path: Path):
     folder = make_imagefolder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=5)
     par = folder_as_parquet(folder, tmp_path / "pq", files=3)

@@ -1,6 +1,6 @@
 """Reading random batches from the cache: the training hot path, checked byte for byte.
 
-zarr-python 3.1's `oindex` on sharded arrays reads ~100 samples/s (reference/storage.md section 4). Our arrays
+zarr-python 3.1's `oindex` on sharded arrays reads ~100 samples/s (docs/cache.md, docs/benchmarks.md). Our arrays
 store one row per inner chunk, raw bytes followed by their crc32c, so each row is a contiguous byte range of
 its shard file, located by the shard index at the file's end. `ArrayReader` parses each shard index once
 (checking the index's own crc32c), then gathers rows with `os.preadv` from a thread pool and checks every

@@ -1,6 +1,6 @@
 """Creating a cache, adding arrays, writing whole shards durably, finalizing.
 
-Protocol (reference/storage.md section 6.4): the cache and each array are created once, at full size, under
+Protocol (docs/cache.md): the cache and each array are created once, at full size, under
 the cache lock; every rank writes only the shards it owns; after a shard file is fsynced its done marker is
 written atomically. A killed run is resumed by running the same command again: shards with a marker are
 skipped, all others are rewritten whole (idempotent). Every manifest update is a read-modify-write under the

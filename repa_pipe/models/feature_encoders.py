@@ -3,7 +3,8 @@
 Every encoder is a timm `VisionTransformer` built for its token grid (img_size = grid * patch), so the model's
 native grid IS the token grid: position embeddings of the pretrained weights are resampled once, at load time,
 by timm's `checkpoint_filter_fn` -> `resample_abs_pos_embed` (bicubic, antialias=True, the model's number of
-prefix tokens) -- the call the reference makes on DINOv2's 37x37 table (repa_official.md section 3, point 11).
+prefix tokens) -- the call the reference makes on DINOv2's 37x37 table (REPA's `utils.py`,
+https://github.com/sihyun-yu/REPA; docs/numerics.md point 11).
 
 Preprocessing per encoder (x = uint8 image, S = grid * patch; reference train.py `preprocess_raw_image`):
 
