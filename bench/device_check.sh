@@ -306,7 +306,7 @@ def main():
     times = []
     job = runner.run_job
     def timed(*args, **kw):
-        t = time.perf_counter(); job(*args, **kw); times.append(time.perf_counter() - t)
+        t = time.perf_counter(); out = job(*args, **kw); times.append(time.perf_counter() - t); return out
     runner.run_job = timed
     stage.run(cfg)
     rate = a.n / times[0]

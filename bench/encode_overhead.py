@@ -11,9 +11,10 @@ plus noise) under $REPA_BENCH_DIR (default /tmp/repa_bench), ADM-cropped to 256 
 Stage: the real code path, `stages.encode_latents.run` / `stages.encode_features.run`, into a fresh cache, loader
 workers 2. The model object is built once with `load_codec` / `load_encoder` (the real loading path: sd-vae-ft-ema
 from a `save_pretrained` folder of a random-init AutoencoderKL with the sd-vae-ft-ema config, dinov2-b from a
-random timm `vit_base_patch14_dinov2` state dict file) and handed to the stage by patching the stage module's
-`load_codec` / `load_encoder` name, so stage and bare forward run the very same object; model loading is excluded
-from both. Images/s of the stage = images / wall time of `run()`.
+random timm `vit_base_patch14_dinov2` state dict file) and handed to the stage by patching the `load_codec` /
+`load_encoder` name of encoding/latents.py / encoding/features.py (where the stage's work loads its model), so
+stage and bare forward run the very same object; model loading is excluded from both. Images/s of the stage =
+images / wall time of `run()`.
 
 Bare forward: the same model call the stage makes (`codec.encode_moments(x)` / `enc(x)`, under
 `torch.inference_mode()`), same batch size, on the same ADM-cropped uint8 batches, decoded beforehand and held in
@@ -47,6 +48,8 @@ from repa_pipe.encoding import runner as encode_runner  # noqa: E402
 from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig  # noqa: E402
 from repa_pipe.models.feature_encoders import load_encoder  # noqa: E402
 from repa_pipe.models.latent_codecs import load_codec  # noqa: E402
+from repa_pipe.encoding import features as encode_features_work  # noqa: E402
+from repa_pipe.encoding import latents as encode_latents_work  # noqa: E402
 from repa_pipe.stages import encode_features, encode_latents  # noqa: E402
 
 SD_VAE_CONFIG = dict(  # stabilityai/sd-vae-ft-ema config.json (architecture fields)
@@ -149,14 +152,15 @@ class Probe:
 
 
 @contextlib.contextmanager
-def same_model(stage_module, attr: str, model):
-    """Make the stage's `load_codec` / `load_encoder` return our prebuilt object."""
-    orig = getattr(stage_module, attr)
-    setattr(stage_module, attr, lambda *a, **k: model)
+def same_model(work_module, attr: str, model):
+    """Make the stage's `load_codec` / `load_encoder` (in encoding/latents.py, encoding/features.py) return our
+    prebuilt object."""
+    orig = getattr(work_module, attr)
+    setattr(work_module, attr, lambda *a, **k: model)
     try:
         yield
     finally:
-        setattr(stage_module, attr, orig)
+        setattr(work_module, attr, orig)
 
 
 # --------------------------------------------------------------------------------------------------- cases
@@ -194,12 +198,12 @@ def run_case(case: dict, images: Path, rounds: int, scratch: Path) -> dict:
         if stage == "latents":
             cfg = EncodeLatentsConfig(source=str(images), cache=cache, vae=name, vae_weights=case.get("weights"),
                                       resolution=res, shard_size=shard, batch_size=bs, workers=case.get("workers", 2))
-            mod, attr, runner = encode_latents, "load_codec", encode_latents.run
+            mod, attr, runner = encode_latents_work, "load_codec", encode_latents.run
         else:
             cfg = EncodeFeaturesConfig(source=str(images), cache=cache, encoder=name,
                                        encoder_weights=case.get("weights"), grid=case["grid"], resolution=res,
                                        shard_size=shard, batch_size=bs, workers=case.get("workers", 2))
-            mod, attr, runner = encode_features, "load_encoder", encode_features.run
+            mod, attr, runner = encode_features_work, "load_encoder", encode_features.run
         with same_model(mod, attr, model), Probe() as probe:
             t0 = time.perf_counter()
             runner(cfg)

@@ -227,6 +227,10 @@ def test_verify_names_every_problem_in_one_line_each(tmp_path, data):
     assert "labels.npy differs from what was written" in text
     assert all("\n" not in p for p in report.problems)
     assert report.damaged == {"features/t": {1, 2}}
+    # `cache verify` (inspect.check) repairs nothing unless asked, and ends with one error naming the cache
+    looked = inspect.check(root, False)
+    assert looked.repaired == {} and paths.done_marker("features/t", 1).exists()
+    assert str(looked.failure()).startswith(f"{root}: {len(report.problems)} problem(s) found; `repa-pipe cache verify")
     # repair removes the damaged shards' markers, so the encode command would rewrite exactly those
     assert inspect.repair(root, report) == {"features/t": [1, 2]}
     assert not paths.done_marker("features/t", 1).exists() and read_manifest(root).arrays["features/t"].status \

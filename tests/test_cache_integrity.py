@@ -133,7 +133,7 @@ def inject():
     delay = float(os.environ.get("RP_TEST_READ_DELAY", "0"))
     if delay:  # every manifest read returns `delay` s late: what it read may be stale by then, unless locked
         import repa_pipe.cache.inspect, repa_pipe.cache.reader, repa_pipe.cache.writer  # noqa: F401
-        import repa_pipe.encoding.runner, repa_pipe.stages.encode_features, repa_pipe.stages.encode_latents  # noqa
+        import repa_pipe.encoding.runner, repa_pipe.encoding.features, repa_pipe.encoding.latents  # noqa
         import repa_pipe.cache.manifest as M
         real, calls = M.read_manifest, [0]
 

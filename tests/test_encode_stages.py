@@ -123,6 +123,23 @@ def test_cache_holds_direct_model_outputs_and_index(folder, tiny_cache, x):
     r.close()
 
 
+
+def test_encode_functions_return_where_the_array_ended(folder, tmp_path):
+    """encoding/latents.py and encoding/features.py do the work and return it; the stage only prints summary()."""
+    from repa_pipe.encoding.config import EncodeFeaturesConfig, EncodeLatentsConfig
+    from repa_pipe.encoding.features import encode_features
+    from repa_pipe.encoding.latents import encode_latents
+
+    cache = tmp_path / "cache"
+    common_ = dict(source=str(folder), cache=cache, resolution=RES, shard_size=SHARD, workers=0, batch_size=5)
+    lat = encode_latents(EncodeLatentsConfig(**common_, vae="pixel"))
+    assert (lat.name, lat.status, lat.shards_done, lat.num_shards, lat.bad) == ("latents/pixel", "complete", 3, 3, 0)
+    assert lat.summary() == "encode-latents pixel: latents/pixel complete (3/3 shards)"
+    feat = encode_features(EncodeFeaturesConfig(**common_, encoder="tiny", grid=2))
+    assert (feat.name, feat.status, feat.shards_done) == ("features/tiny", "complete", 3)
+    r = ok(latents_cmd(folder, cache, "pixel"))  # everything done: the stage prints the same summary
+    assert "encode-latents pixel: latents/pixel complete (3/3 shards)" in " ".join(r.output.split()), r.output
+
 # ------------------------------------------------------------------------------------ 2. real loading paths
 def test_vae_weights_folder_loads_through_cli_without_download(folder, x, tmp_path, monkeypatch):
     from repa_pipe.models.latent_codecs import build_tiny_vae

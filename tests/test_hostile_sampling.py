@@ -77,10 +77,10 @@ def test_sample_eval_largest_seed_is_accepted(setup, tmp_path):  # noqa: F811 (t
 
 
 def test_encode_features_grid_beyond_the_image_is_one_line_before_any_model(tmp_path, monkeypatch):
-    from repa_pipe.stages import encode_features
+    from repa_pipe.encoding import features
 
     built = []
-    monkeypatch.setattr(encode_features, "load_encoder", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(features, "load_encoder", lambda *a, **k: built.append(a))
     src = make_imagefolder(tmp_path / "images", per_class=1)
     r = invoke(["encode-features", "--source", src, "--cache", tmp_path / "c", "--resolution", 16, "--grid", 1000,
                 "--workers", 0])

@@ -91,6 +91,16 @@ def test_stages_hold_one_file_per_command():
                      "sample_eval", "train"]
 
 
+def test_stages_are_thin_doors():
+    """A stage calls one function of the layer below and prints its result: none but the demo (which runs the other
+    stages) builds a network, an encode job or a cache writer itself."""
+    mods = _modules()
+    bad = sorted(f"{m} imports {i}" for m, p in mods.items() if m.startswith("repa_pipe.stages.")
+                 and m != "repa_pipe.stages.demo" for i in _imports(p, m)
+                 if i.startswith(("repa_pipe.models", "repa_pipe.encoding.runner", "repa_pipe.cache.writer")))
+    assert not bad, "\n".join(bad)
+
+
 def test_the_cli_imports_nothing_heavy_at_startup():
     """`repa-pipe --help` must not import torch (seconds): the CLI reads light config modules only."""
     import subprocess

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from rich.console import Console
@@ -218,3 +218,28 @@ def repair(root: str | Path, report: VerifyReport) -> dict[str, list[int]]:
                                                  shards_done=max(0, entry.shards_done - len(shards))))
         write_manifest(root, m)
     return {name: sorted(s) for name, s in report.damaged.items()}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What `cache verify` found and, with --repair, which shards' done markers it removed."""
+
+    cache: str | Path
+    report: VerifyReport
+    repair: bool                          # --repair was asked
+    repaired: dict[str, list[int]]        # array -> shards whose markers were removed
+
+    def failure(self) -> Optional[CorruptDataError]:
+        """The error the command ends with, None when the cache is sound."""
+        if self.report.ok:
+            return None
+        return CorruptDataError(f"{self.cache}: {len(self.report.problems)} problem(s) found"
+                                + ("" if self.repair else "; `repa-pipe cache verify --repair` removes the done "
+                                   "markers of damaged shards so their encode command rewrites them"))
+
+
+def check(root: str | Path, repair_damaged: bool) -> Checked:
+    """`cache verify`: verify the cache and, when asked and some shards are damaged, repair them."""
+    report = verify(root)
+    fixed = repair(root, report) if repair_damaged and not report.ok and report.damaged else {}
+    return Checked(root, report, repair_damaged, fixed)

@@ -52,6 +52,22 @@ class EncodeJob:
     desc: str
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """Where an encode command left its (first) array once every rank is done."""
+
+    desc: str
+    name: str
+    status: str                    # complete | in_progress
+    shards_done: int
+    num_shards: int
+    bad: int                       # samples recorded as bad (--skip-bad)
+
+    def summary(self) -> str:
+        return (f"{self.desc}: {self.name} {self.status} ({self.shards_done}/{self.num_shards} shards"
+                + (f", {self.bad} bad sample(s) recorded" if self.bad else "") + ")")
+
+
 def open_checked_source(cfg: EncodeLatentsConfig | EncodeFeaturesConfig) -> ImageSource:
     """The source of an encode command, listed, with its warnings printed once. A source with damaged tar shards or
     parquet files is refused (before anything is written) unless --skip-bad."""
@@ -113,9 +129,10 @@ def precheck(job: EncodeJob, specs: Sequence[ArraySpec]) -> None:
 
 
 def run_job(job: EncodeJob, spec: ArraySpec, forward: ModelFn, precision: str,
-            extra: Sequence[ArraySpec] = ()) -> None:
+            extra: Sequence[ArraySpec] = ()) -> Optional[Encoded]:
     """Create (or check) the array, then encode every pending shard with `forward` under `precision`.
-    `extra`: more arrays filled by the same pass; `forward` then returns one tensor per array, `spec`'s first."""
+    `extra`: more arrays filled by the same pass; `forward` then returns one tensor per array, `spec`'s first.
+    Returns where `spec`'s array ended, on rank 0 (None on the other ranks)."""
     specs = [spec, *extra]
     precheck(job, specs)
     locks = [ArrayLock(job.cache, s.name) for s in specs]
@@ -140,7 +157,7 @@ def run_job(job: EncodeJob, spec: ArraySpec, forward: ModelFn, precision: str,
 
     try:
         dist.run_on_rank0(create)
-        encode_shards(job, [s.name for s in specs], read_manifest(job.cache), model_fn)
+        return encode_shards(job, [s.name for s in specs], read_manifest(job.cache), model_fn)
     finally:
         for lock in locks:
             lock.release()
@@ -155,9 +172,10 @@ def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, n_shards, world_size))
 
 
-def encode_shards(job: EncodeJob, names: Sequence[str], manifest: Manifest, model_fn: ModelFn) -> None:
+def encode_shards(job: EncodeJob, names: Sequence[str], manifest: Manifest, model_fn: ModelFn) -> Optional[Encoded]:
     """Fill every pending shard this rank owns in arrays `names` (one model pass fills them all); then rank 0
-    finalizes. Errors on any rank stop all ranks, after every rank has kept the shards it finished."""
+    finalizes and returns where the first array ended (None on the other ranks). Errors on any rank stop all
+    ranks, after every rank has kept the shards it finished."""
     ws = [writer.ShardWriter(job.cache, manifest, n) for n in names]
     w, name = ws[0], names[0]
     todo = set().union(*(set(x.pending(range(w.num_shards))) for x in ws))  # lists each done folder once
@@ -182,11 +200,10 @@ def encode_shards(job: EncodeJob, names: Sequence[str], manifest: Manifest, mode
             raise Stopped(f"on {first}, {final.shards_done}/{w.num_shards} shards of {name} are done and "
                           "kept; run the same command to resume", first.signum)
         raise first
-    if final is not None:
-        bad = len(final.bad)
-        log(f"{job.desc}: {name} {final.status} ({final.shards_done}/{w.num_shards} shards"
-            + (f", {bad} bad sample(s) recorded" if bad else "") + ")")
     dist.barrier()
+    if final is None:
+        return None
+    return Encoded(job.desc, name, final.status, final.shards_done, w.num_shards, len(final.bad))
 
 
 def _encode_owned(job: EncodeJob, ws: list[writer.ShardWriter], shards: list[int], model_fn: ModelFn,

@@ -1,4 +1,4 @@
-"""`repa-pipe cache info` and `repa-pipe cache verify`."""
+"""`repa-pipe cache info` and `repa-pipe cache verify` (cache/inspect.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,6 @@ from rich.console import Console
 
 from repa_pipe.cache import inspect
 from repa_pipe.cache.options import CacheInfoConfig, CacheVerifyConfig
-from repa_pipe.pipeline.errors import CorruptDataError
 from repa_pipe.pipeline.progress import console
 
 
@@ -20,17 +19,13 @@ def info(cfg: CacheInfoConfig) -> None:
 
 
 def verify(cfg: CacheVerifyConfig) -> None:
-    report = inspect.verify(cfg.cache)
-    for p in report.problems:
+    done = inspect.check(cfg.cache, cfg.repair)
+    for p in done.report.problems:
         console.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
-    if report.ok:
-        Console().print(f"[green]ok[/]: {', '.join(report.checked) or 'no arrays'}")
-        return
-    if cfg.repair and report.damaged:
-        fixed = inspect.repair(cfg.cache, report)
-        for name, shards in fixed.items():
-            console.print(f"repaired: removed the done markers of {len(shards)} shard(s) of {name} "
-                          f"{shards[:10]}; run its encode command again to rewrite them", highlight=False)
-    raise CorruptDataError(f"{cfg.cache}: {len(report.problems)} problem(s) found"
-                           + ("" if cfg.repair else "; `repa-pipe cache verify --repair` removes the done markers "
-                              "of damaged shards so their encode command rewrites them"))
+    for name, shards in done.repaired.items():
+        console.print(f"repaired: removed the done markers of {len(shards)} shard(s) of {name} "
+                      f"{shards[:10]}; run its encode command again to rewrite them", highlight=False)
+    failure = done.failure()
+    if failure is not None:
+        raise failure
+    Console().print(f"[green]ok[/]: {', '.join(done.report.checked) or 'no arrays'}")
