@@ -15,9 +15,12 @@ near 0, so the absolute difference is given) and one near the target (target + n
 relative difference).
 
 Reader: two caches of the same (N, 256, 768) rows written by the real writer, float16 and int8; random batches of
-256 rows gathered through `CacheReader` (warm page cache, 4 threads, every row's crc32c checked, int8 dequantized
-to float16), the two interleaved round by round in this one process (medians); warm, and cold (the cache files'
-pages evicted with posix_fadvise before each batch).
+256 rows gathered through `CacheReader` (4 threads, every row's crc32c checked), int8 both dequantized to float16
+inside the gather (the CPU path) and in its stored form (int8 + float32 scales, what training on a GPU ships to
+the device, training/stream.py), all interleaved round by round in this one process (medians); warm, and cold (the
+cache files' pages evicted with posix_fadvise before each batch). For reference, the device path's dequantization
+(`dequantize_int8_tensor`) timed on a CPU tensor of one batch; on a GPU it is a few elementwise kernels, not
+measured here.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import _common as C  # noqa: E402
 
 from repa_pipe.cache import writer  # noqa: E402
 from repa_pipe.cache.manifest import ArraySpec, Dataset, Provenance  # noqa: E402
-from repa_pipe.cache.quant import dequantize_int8, quantize_int8  # noqa: E402
+from repa_pipe.cache.quant import dequantize_int8, dequantize_int8_tensor, quantize_int8  # noqa: E402
 from repa_pipe.cache.reader import CacheReader  # noqa: E402
 from repa_pipe.cache.sources import load_preprocessed, open_source  # noqa: E402
 from repa_pipe.demo.digits import write_digits_imagefolder  # noqa: E402
@@ -48,6 +51,9 @@ from repa_pipe.pipeline.hashing import hash_lines, sha256_int64  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 E4M3_MAX = 448.0
+# reader rows: int8 dequantized to float16 in the gather (CPU training), int8 as stored (CUDA training), the op
+I8, ST = "int8 dequantized in the gather", "int8 stored (+ scales)"
+OP = "dequantize_int8_tensor on the CPU (no read)"
 
 
 def int8_roundtrip(x: np.ndarray) -> np.ndarray:
@@ -167,12 +173,19 @@ def reader_rates(scratch: Path, n: int, rounds: int, batch: int = 256, threads: 
     for d, root in roots.items():
         make_cache(root, n, d)
     readers = {d: CacheReader(root, ["features/dinov2-b"], threads=threads) for d, root in roots.items()}
+    readers[I8] = readers.pop("int8")  # the CPU training path: float16 out of the gather
+    roots[I8] = roots["int8"]
     # The same float16 cache with at most one shard file open: every shard a batch touches is opened (and
     # closed) again, as an open/pread/close-per-batch reader would, against the default LRU of 256.
     readers["float16, 1 open file"] = CacheReader(roots["float16"], ["features/dinov2-b"], threads=threads)
     readers["float16, 1 open file"].arrays["features/dinov2-b"].max_open = 1
     roots["float16, 1 open file"] = roots["float16"]
-    bufs = {d: r.buffers(batch) for d, r in readers.items()}
+    # The int8 cache gathered as stored (no dequantization), as BatchStream(dequantize="device") reads it.
+    readers[ST] = CacheReader(roots["int8"], ["features/dinov2-b"], threads=threads)
+    roots[ST] = roots["int8"]
+    del roots["int8"]
+    stored = {d: d == ST for d in readers}
+    bufs = {d: r.buffers(batch, stored[d]) for d, r in readers.items()}
     rng = np.random.default_rng(1)
     for d, r in readers.items():  # warm the page cache
         for lo in range(0, n, batch):
@@ -183,15 +196,23 @@ def reader_rates(scratch: Path, n: int, rounds: int, batch: int = 256, threads: 
             idx = rng.choice(n, size=batch, replace=False)
             t0 = time.perf_counter()
             for _ in range(4):
-                r.gather(idx, out=bufs[d])
+                r.gather(idx, out=bufs[d], stored=stored[d])
             rates[f"{d}, warm"].append(4 * batch / (time.perf_counter() - t0))
     for _ in range(max(2, rounds // 3)):
         for d, r in readers.items():
             evict(sorted((roots[d] / "cache.zarr").rglob("c/*/0/0")))
             idx = rng.choice(n, size=batch, replace=False)
             t0 = time.perf_counter()
-            r.gather(idx, out=bufs[d])
+            r.gather(idx, out=bufs[d], stored=stored[d])
             rates[f"{d}, cold"].append(batch / (time.perf_counter() - t0))
+    # The device path's dequantization op on this CPU, on one stored batch (reference only).
+    raw = torch.from_numpy(bufs[ST]["features/dinov2-b"])
+    rates[OP] = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            dequantize_int8_tensor(raw)
+        rates[OP].append(4 * batch / (time.perf_counter() - t0))
     for r in readers.values():
         r.close()
     return rates
@@ -224,16 +245,22 @@ def main() -> None:
                    "grad cos (near proj.)"], rows)
     med = {d: C.median(v) for d, v in rates.items()}
     rd = C.table(["stored form", "samples/s (median)", "range over rounds", "MB/s read from the page cache"],
-                 [[d, med[d], C.spread(v), med[d] * (256 * (768 * 2 if d.startswith("float16") else 772)) / 1e6]
-                  for d, v in rates.items()])
+                 [[d, med[d], C.spread(v), "-" if d == OP else
+                   med[d] * (256 * (768 * 2 if d.startswith("float16") else 772)) / 1e6] for d, v in rates.items()])
+    ratio = {f"{d}, {w}": med[f"{d}, {w}"] / med[f"float16, {w}"] for d in (I8, ST) for w in ("warm", "cold")}
     body = (f"## Stored feature forms: float16, int8, float8 (bench/feature_dtype.py)\n\n{C.machine_line(info)}\n\n"
             f"Fidelity against the float16 tokens ({fid_s:.0f} s incl. the encoders' forward passes and the SimCLR "
-            f"training):\n\n{fid}\n\nReader, {n} rows of 256x768, random 256-row batches, 4 threads, int8 "
-            f"dequantized to float16 inside the gather; warm page cache (int8/float16 = "
-            f"{med['int8, warm'] / med['float16, warm']:.2f}) and cold, page cache dropped before each batch "
-            f"(int8/float16 = {med['int8, cold'] / med['float16, cold']:.2f}). 32 shards of 64 rows; '1 open file' reopens "
+            f"training):\n\n{fid}\n\nReader, {n} rows of 256x768, random 256-row batches, 4 threads, every row's crc32c "
+            f"checked; int8 either dequantized to float16 inside the gather (the CPU training path) or gathered as "
+            f"stored, int8 + float32 scales (the CUDA training path, dequantized on the GPU in the step). Warm page "
+            f"cache: int8 stored / float16 = {ratio[ST + ', warm']:.2f}, int8 dequantized / float16 = "
+            f"{ratio[I8 + ', warm']:.2f}; cold, the files' pages dropped before each batch: "
+            f"{ratio[ST + ', cold']:.2f} and {ratio[I8 + ', cold']:.2f}. 32 shards of 64 rows; '1 open file' reopens "
             f"every shard it touches, per batch (1 open file / LRU = "
-            f"{med['float16, 1 open file, warm'] / med['float16, warm']:.2f} warm):\n\n{rd}\n")
+            f"{med['float16, 1 open file, warm'] / med['float16, warm']:.2f} warm). Last row: the device path's "
+            f"dequantization op (`dequantize_int8_tensor`, one 256-row batch already in memory) run on this CPU, "
+            f"for reference only; on a GPU it is a few elementwise kernels over 50 MB, not measured here (no GPU on "
+            f"this machine):\n\n{rd}\n")
     print(body)
     if C.should_write_docs(args):
         C.update_section("feature-dtype", body)

@@ -84,7 +84,7 @@ class UncheckedReader(ArrayReader):
     """The gather loop without the per-row crc32c check (reads only each row's bytes): the reader as it was before
     rows carried checksums, kept here only to measure what the check costs."""
 
-    def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
+    def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray, stored: bool = False) -> None:
         k = int(rows[0]) // self.shard_size
         sh = self._acquire(k)
         try:

@@ -11,9 +11,9 @@ import torch
 
 from fixtures import invoke, make_imagefolder
 from repa_pipe.cache import inspect, writer
-from repa_pipe.cache.manifest import ArraySpec, Provenance, ShardMarker, read_manifest
-from repa_pipe.cache.quant import dequantize_int8, empty_int8, quantize_int8
-from repa_pipe.cache.reader import ArrayReader, CacheReader
+from repa_pipe.cache.manifest import ArraySpec, Provenance, ShardMarker, read_manifest, training_view
+from repa_pipe.cache.quant import dequantize_int8, dequantize_int8_tensor, empty_int8, quantize_int8
+from repa_pipe.cache.reader import ArrayReader, CacheReader, check_labels
 from repa_pipe.models.feature_encoders import load_encoder
 from repa_pipe.pipeline.errors import CorruptDataError
 
@@ -156,3 +156,92 @@ def test_training_reads_an_int8_cache_with_a_class_token(tmp_path, one_torch_thr
     assert r.exit_code == 0, r.output
     metrics = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_int8_gathered_as_stored_is_checked_and_dequantizes_to_the_same_bits(tmp_path):
+    """`stored=True`: the int8 rows as written (crc32c checked); dequantized as a tensor they equal the reader's."""
+    root, x = _int8_cache(tmp_path / "c")
+    r = CacheReader(root, ["features/q"])
+    idx = np.array([19, 0, 5, 5, 12])
+    raw = r.gather(idx, stored=True)["features/q"]
+    assert raw.dtype == np.int8 and raw.shape == (5, 6, 20)
+    np.testing.assert_array_equal(raw, quantize_int8(x[idx]))
+    buf = r.buffers(5, stored=True)
+    r.gather(idx, out=buf, stored=True)
+    np.testing.assert_array_equal(buf["features/q"], raw)
+    deq = dequantize_int8_tensor(torch.from_numpy(raw))
+    assert deq.dtype == torch.float16 and deq.shape == (5, 6, 16)
+    np.testing.assert_array_equal(deq.numpy().view(np.uint16), r.gather(idx)["features/q"].view(np.uint16))
+    nan = dequantize_int8_tensor(torch.from_numpy(empty_int8((2, 3, 12))))  # a bad row reads back NaN here too
+    assert torch.isnan(nan).all()
+    r.close()
+    m = read_manifest(root)
+    a = ArrayReader(root, m, "features/q", threads=1)
+    off, path = int(a._acquire(1).offsets[1]), a.shard_path(1)
+    a.close()
+    data = bytearray(path.read_bytes())
+    data[off + 3] ^= 0x01  # one int8 value of row 5
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptDataError, match="row 5: checksum mismatch"):
+        CacheReader(root, ["features/q"]).gather(np.array([5]), stored=True)
+
+
+@pytest.fixture(scope="module")
+def int8_train_cache(tmp_path_factory) -> Path:
+    from test_cache_integrity import encode
+
+    tmp = tmp_path_factory.mktemp("int8train")
+    src = make_imagefolder(tmp / "imgs", per_class=4)
+    cache = tmp / "c"
+    for args in (encode("latents", src, cache), encode("features", src, cache, "--feature-dtype", "int8")):
+        r = invoke(args)
+        assert r.exit_code == 0, r.output
+    return cache
+
+
+def test_stream_dequantizing_on_the_device_gives_the_reader_s_bits(int8_train_cache, one_torch_thread):
+    """BatchStream(dequantize="device") ships int8 + scale as stored; `features_to` makes the reader's float16."""
+    from repa_pipe.training.stream import BatchStream, default_dequantize, features_to
+
+    m = read_manifest(int8_train_cache)
+    view = training_view(m, check_labels(int8_train_cache, m), None, ("tiny",))
+    assert default_dequantize() == "reader"  # on a CPU: the reader dequantizes, as before
+    streams = {d: BatchStream(int8_train_cache, view, 8, 0, 0, 1, 0.1, 0, 3, threads=1, dequantize=d)
+               for d in ("reader", "device")}
+    try:
+        for _ in range(3):
+            a, b = (next(s) for s in streams.values())
+            fa, fb = a.features[0], b.features[0]
+            assert fa.dtype == torch.float16 and fb.dtype == torch.int8 and fb.shape[-1] == fa.shape[-1] + 4
+            got = features_to(fb, torch.device("cpu"))
+            assert got.dtype == torch.float16
+            assert torch.equal(got.view(torch.int16), fa.view(torch.int16))
+            assert features_to(fa, torch.device("cpu")) is fa  # float rows pass through
+            assert torch.equal(a.moments, b.moments) and torch.equal(a.labels, b.labels)
+    finally:
+        for s in streams.values():
+            s.close()
+    with pytest.raises(ValueError, match="dequantize='gpu'"):
+        BatchStream(int8_train_cache, view, 8, 0, 0, 1, 0.1, 0, 1, threads=1, dequantize="gpu")
+
+
+def test_training_on_int8_gives_the_same_losses_dequantized_on_the_device(int8_train_cache, tmp_path, monkeypatch,
+                                                                         one_torch_thread):
+    """A short run with the device path forced (as on CUDA) logs bitwise the losses of the reader path."""
+    from test_cache_integrity import train
+    from repa_pipe.training import stream
+
+    def losses(run: Path) -> list[float]:
+        r = invoke(train(int8_train_cache, run, 3))
+        assert r.exit_code == 0, r.output
+        lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(m["loss"], m.get("grad_norm")) for m in lines if "loss" in m]
+
+    reader = losses(tmp_path / "reader")
+    calls = []
+    real = stream.dequantize_int8_tensor
+    monkeypatch.setattr(stream, "default_dequantize", lambda: "device")
+    monkeypatch.setattr(stream, "dequantize_int8_tensor", lambda t: calls.append(t.dtype) or real(t))
+    device = losses(tmp_path / "device")
+    assert calls and set(calls) == {torch.int8}  # the step dequantized the stored rows
+    assert len(reader) == 3 and device == reader

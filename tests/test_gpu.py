@@ -105,6 +105,21 @@ def test_batches_and_draws_are_pinned_on_a_gpu(cuda, s2_cache):
     assert all(v.is_pinned() for v in b.draws.values())
 
 
+def test_int8_features_dequantized_on_the_gpu_give_the_cpu_bits(cuda):
+    """Training on CUDA dequantizes stored int8 rows on the GPU (training/stream.py); the bits must equal the
+    reader's CPU dequantization for every finite token, tiny scales (subnormal products) included."""
+    from repa_pipe.cache.quant import dequantize_int8, dequantize_int8_tensor, quantize_int8
+    from repa_pipe.training.stream import default_dequantize
+
+    assert default_dequantize() == "device"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16, 768)).astype(np.float32) * (10.0 ** rng.uniform(-42, 4, (64, 16, 1)))
+    q = quantize_int8(x.astype(np.float32))
+    cpu = dequantize_int8(q, np.empty(x.shape, dtype=np.float16))
+    gpu = dequantize_int8_tensor(torch.from_numpy(q).pin_memory().to("cuda", non_blocking=True)).cpu().numpy()
+    np.testing.assert_array_equal(gpu.view(np.uint16), cpu.view(np.uint16))
+
+
 def test_sample_eval_on_cuda_defaults_to_bf16_and_fp32_matches_the_cpu(cuda, setup, tmp_path, monkeypatch):  # noqa: F811
     sample_eval.run(se_config(setup, tmp_path / "auto"))
     key = json.loads((tmp_path / "auto" / "shards" / "sampling.json").read_text())

@@ -10,8 +10,12 @@ the dtype a float16 cache serves (docs/cache.md). A NaN row (a bad sample) store
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported on first use (see dequantize_int8)
+    import torch
 
 SCALE_BYTES = 4  # float32 scale after each token's int8 values
 QMAX = 127       # symmetric: -128 is never used, so q and -q are both representable
@@ -50,6 +54,18 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[:need].reshape(shape)
 
 
+def _dequantize_into(r, f, out) -> None:
+    """The one dequantization arithmetic, on torch tensors of any device: (..., D + 4) int8 r -> f (..., D) float32
+    scratch -> out (..., D) float16. In-place ops only: autocast leaves them alone (torch's AMP notes), so a step
+    under autocast computes the same bits as the reader."""
+    import torch
+
+    scale = r[..., -SCALE_BYTES:].contiguous().view(torch.float32)  # (..., 1)
+    f.copy_(r[..., :-SCALE_BYTES])
+    f.mul_(scale)
+    out.copy_(f)
+
+
 def dequantize_int8(raw: np.ndarray, out: np.ndarray) -> np.ndarray:
     """(..., D + 4) int8 stored rows -> out (..., D) float16 = q * s (float32 product, one rounding).
 
@@ -59,10 +75,18 @@ def dequantize_int8(raw: np.ndarray, out: np.ndarray) -> np.ndarray:
     imported on first use, so reading a float cache never loads it."""
     import torch
 
-    r = torch.from_numpy(raw)
-    scale = r[..., -SCALE_BYTES:].contiguous().view(torch.float32)  # (..., 1)
     f = torch.from_numpy(scratch("f32", out.shape, np.dtype(np.float32)))
-    f.copy_(r[..., :-SCALE_BYTES])
-    f.mul_(scale)
-    torch.from_numpy(out).copy_(f)
+    _dequantize_into(torch.from_numpy(raw), f, torch.from_numpy(out))
+    return out
+
+
+def dequantize_int8_tensor(raw: torch.Tensor) -> torch.Tensor:
+    """(..., D + 4) int8 stored rows, on any device -> (..., D) float16 there, bit for bit `dequantize_int8`'s
+    result (same passes, same dtypes; IEEE float32 multiply and round-to-nearest-even casts on CPU and CUDA).
+    Training uses it to dequantize on the GPU inside the step: half the host-to-device bytes of float16."""
+    import torch
+
+    shape = (*raw.shape[:-1], raw.shape[-1] - SCALE_BYTES)
+    out = torch.empty(shape, dtype=torch.float16, device=raw.device)
+    _dequantize_into(raw, torch.empty(shape, dtype=torch.float32, device=raw.device), out)
     return out

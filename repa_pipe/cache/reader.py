@@ -12,7 +12,9 @@ and `raise_fd_limit` lifts the soft RLIMIT_NOFILE to the hard one where allowed.
 reported as what it is (`ResourceLimitError`, naming the limit), never as damage to a shard.
 
 int8 arrays (cache/quant.py) are gathered in their stored form and dequantized to float16 by the same pool
-task that read them: callers see the float16 rows a float16 cache would serve.
+task that read them: callers see the float16 rows a float16 cache would serve. With `stored=True` they get the
+stored rows themselves ((..., D + 4) int8, every row's crc32c still checked), for a consumer that dequantizes
+elsewhere (training on a GPU: training/stream.py).
 """
 from __future__ import annotations
 
@@ -183,11 +185,16 @@ class ArrayReader:
         return CorruptDataError(f"{self.root}: shard {k} of {self.name}: {what}; run `repa-pipe cache verify "
                                 f"{self.root}`", detail=what)
 
-    def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
+    def served(self, stored: bool = False) -> tuple[tuple[int, ...], np.dtype]:
+        """(row shape, dtype) of what `gather` returns: the read form, or with `stored` the form on disk."""
+        return (self.stored_row, self.stored_dtype) if stored else (self.shape[1:], self.dtype)
+
+    def _read_rows(self, rows: np.ndarray, out: np.ndarray, pos: np.ndarray, stored: bool = False) -> None:
         """Read global rows `rows` (all in one shard) into out[pos], checking each row's crc32c; int8 rows are
-        read into a task-local buffer and dequantized into out[pos] in one vectorized step."""
+        read into a task-local buffer and dequantized into out[pos] in one vectorized step, unless `stored`."""
         k = int(rows[0]) // self.shard_size
-        raw = scratch("rows", (len(rows), *self.stored_row), self.stored_dtype) if self.quantized else None
+        raw = scratch("rows", (len(rows), *self.stored_row), self.stored_dtype) \
+            if self.quantized and not stored else None
         buf = raw if raw is not None else out
         flat = buf.reshape(buf.shape[0], -1).view(np.uint8)
         crcs = np.empty(len(rows), dtype="<u4")
@@ -215,14 +222,15 @@ class ArrayReader:
             else:
                 out[pos] = dequantize_int8(raw, np.empty((len(pos), *self.shape[1:]), dtype=self.dtype))
 
-    def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows `indices` (any order, repeats allowed) -> array (len(indices), *shape[1:]).
+    def gather(self, indices: np.ndarray, out: np.ndarray | None = None, stored: bool = False) -> np.ndarray:
+        """Rows `indices` (any order, repeats allowed) -> array (len(indices), *row) of `served(stored)`.
 
         `out`, a buffer of that shape and dtype the caller reuses, saves page-faulting a fresh allocation per
-        batch (1.4x warm, docs/benchmarks.md)."""
+        batch (1.4x warm, docs/benchmarks.md). `stored`: int8 rows as stored, not dequantized."""
         indices = np.asarray(indices, dtype=np.int64)
         if out is None:
-            out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
+            row, dtype = self.served(stored)
+            out = np.empty((len(indices), *row), dtype=dtype)
         order = np.argsort(indices, kind="stable")  # sorted reads: sequential within a shard
         shards = indices[order] // self.shard_size
         cuts = np.flatnonzero(np.diff(shards)) + 1
@@ -232,9 +240,9 @@ class ArrayReader:
                   for i in range(0, len(r), _CHUNK_ROWS)]
         if self._pool is None or len(chunks) == 1:
             for r, p in chunks:
-                self._read_rows(r, out, p)
+                self._read_rows(r, out, p, stored)
         else:
-            for f in [self._pool.submit(self._read_rows, r, out, p) for r, p in chunks]:
+            for f in [self._pool.submit(self._read_rows, r, out, p, stored) for r, p in chunks]:
                 f.result()
         return out
 
@@ -323,19 +331,21 @@ class CacheReader:
     def valid_indices(self) -> np.ndarray:
         return np.flatnonzero(self.valid)
 
-    def gather(self, indices: np.ndarray, out: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+    def gather(self, indices: np.ndarray, out: Optional[dict[str, np.ndarray]] = None,
+               stored: bool = False) -> dict[str, np.ndarray]:
         """{array name: rows, "labels": (B,) int64} for `indices`; every index must be valid. `out` holds a
-        reused buffer per array (see `ArrayReader.gather`)."""
+        reused buffer per array (see `ArrayReader.gather`); `stored`: int8 arrays as stored, not dequantized."""
         indices = np.asarray(indices, dtype=np.int64)
         if not self.valid[indices].all():
             raise ValueError(f"invalid rows requested: {indices[~self.valid[indices]][:8].tolist()}")
-        got = {n: a.gather(indices, out=out[n] if out else None) for n, a in self.arrays.items()}
+        got = {n: a.gather(indices, out=out[n] if out else None, stored=stored) for n, a in self.arrays.items()}
         got["labels"] = self.labels[indices]
         return got
 
-    def buffers(self, batch: int) -> dict[str, np.ndarray]:
-        """One empty (batch, *row) buffer per array, for `gather(..., out=)`."""
-        return {n: np.empty((batch, *a.shape[1:]), dtype=a.dtype) for n, a in self.arrays.items()}
+    def buffers(self, batch: int, stored: bool = False) -> dict[str, np.ndarray]:
+        """One empty (batch, *row) buffer per array, for `gather(..., out=, stored=)`."""
+        forms = {n: a.served(stored) for n, a in self.arrays.items()}
+        return {n: np.empty((batch, *row), dtype=dtype) for n, (row, dtype) in forms.items()}
 
     def close(self) -> None:
         for a in self.arrays.values():

@@ -15,7 +15,7 @@ from repa_pipe.pipeline import dist
 from repa_pipe.pipeline.precision import autocast, compute
 from repa_pipe.training.config import TrainConfig
 from repa_pipe.training.state import State
-from repa_pipe.training.stream import Batch
+from repa_pipe.training.stream import Batch, features_to
 
 
 @dataclass
@@ -72,7 +72,7 @@ def micro_loss(cfg: TrainConfig, view: TrainingView, net: torch.nn.Module, batch
     y = drop_labels(batch.labels[sl].to(device, non_blocking=True), d["drop"], view.num_classes)
     t = transport.time_from_base(d["t_uniform"] if cfg.weighting == "uniform" else d["t_normal"],
                                  cfg.weighting, cfg.path)
-    feats = [f[sl].to(device, non_blocking=True) for f in batch.features]
+    feats = [features_to(f[sl], device) for f in batch.features]  # int8 as stored: dequantized on the device
     return transport.repa_loss(net, x0, y, feats, d["noise"], t, cfg.proj_coeff, cfg.align_loss, cfg.path)
 
 
