@@ -36,7 +36,7 @@ from repa_pipe.cache import layout
 from repa_pipe.cache.layout import CachePaths
 from repa_pipe.cache.manifest import Manifest, ShardMarker, read_manifest, read_markers
 from repa_pipe.cache.quant import dequantize_int8, scratch
-from repa_pipe.pipeline.errors import CorruptDataError, RepaError
+from repa_pipe.pipeline.errors import CorruptDataError, ResourceLimitError
 from repa_pipe.pipeline.hashing import sha256_int64
 from repa_pipe.pipeline.seeding import order_rng
 
@@ -44,10 +44,6 @@ _EMPTY = np.uint64(2**64 - 1)  # zarr's marker for an absent inner chunk
 _CRC = 4  # bytes of the crc32c after each row
 _CHUNK_ROWS = 16  # rows per pool task
 _MAX_OPEN = 256  # shard files one ArrayReader keeps open (at most a quarter of the soft limit; see _open_cap)
-
-
-class ResourceLimitError(RepaError):
-    """The process ran out of file descriptors (EMFILE/ENFILE): a limit of the machine, not damage."""
 
 
 def raise_fd_limit() -> int:

@@ -50,3 +50,7 @@ class CheckpointError(RepaError):
 
 class RunBusyError(RepaError):
     """Another `train` holds the lock of the run folder; the message names it."""
+
+
+class ResourceLimitError(RepaError):
+    """The process ran out of a machine resource (file descriptors: EMFILE/ENFILE): a limit, not damage."""
